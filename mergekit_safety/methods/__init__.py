@@ -1,0 +1,11 @@
+"""One module per merge method; each subclasses the shared core (mergekit_safety.core)."""
+
+from __future__ import annotations
+
+from typing import List
+
+
+def all_methods() -> List:
+    from mergekit_safety.methods.masked_fusion import MaskedFusionMethod
+
+    return [MaskedFusionMethod()]

@@ -1,0 +1,219 @@
+"""The shared merge core (masked_fusion): equality with mergekit's built-ins, masks, refusals."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tiny_models import build_family, load_state, merge_yaml, run_yaml
+
+from mergekit_safety.artifacts import (
+    ArtifactError,
+    ArtifactMetadata,
+    ModelIdentity,
+    tensor_key,
+    write_artifact,
+)
+from mergekit_safety.core import BACKBONES, Backbone, TensorMasks, fuse
+
+EXPERTS = ["expert0", "expert1", "expert2"]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return build_family(str(tmp_path_factory.mktemp("family")), experts=3)
+
+
+@pytest.fixture(scope="module")
+def other_family(tmp_path_factory):
+    return build_family(str(tmp_path_factory.mktemp("other")), experts=3, seed=7)
+
+
+def write_masks(path, family, fill, names=EXPERTS, per_expert=None, role="keep", shape_of=None):
+    state = load_state(family["base"])
+    tensors = {}
+    for name, value in state.items():
+        shape = value.shape if shape_of is None else shape_of(value.shape)
+        if per_expert is None:
+            tensors[tensor_key(role, name)] = torch.full(shape, float(fill))
+        else:
+            for index, expert_fill in enumerate(per_expert):
+                tensors[tensor_key(role, name, index)] = torch.full(shape, float(expert_fill))
+    metadata = ArtifactMetadata(
+        method="masked_fusion",
+        base=ModelIdentity.of(family["base"]),
+        experts=[ModelIdentity.of(family[n]) for n in names],
+    )
+    write_artifact(path, tensors, metadata)
+    return path
+
+
+def builtin_parameters(backbone: Backbone) -> str:
+    if backbone in (Backbone.ties, Backbone.dare_ties, Backbone.dare_linear):
+        return "  lambda: 0.8\n"
+    return "  lambda: 0.8\n" if backbone == Backbone.task_arithmetic else ""
+
+
+@pytest.mark.parametrize("backbone", list(Backbone))
+def test_all_keep_mask_equals_mergekit_builtin(family, tmp_path, backbone):
+    """Through mergekit-yaml's own code path, an all-keep mask changes nothing."""
+    mask = write_masks(str(tmp_path / "keep.safetensors"), family, 1.0)
+    definition = BACKBONES[backbone]
+    density = "\n      density: 0.6" if definition.sparsification else ""
+    shared = builtin_parameters(backbone)
+    if backbone == Backbone.mean:
+        # mergekit `linear` over the experts alone is θ_A + Σ w τ / Σ w.
+        models = "\n".join(
+            f"  - model: {family[n]}\n    parameters:\n      weight: {0.5 + 0.25 * i}"
+            for i, n in enumerate(EXPERTS)
+        )
+        builtin_text = f"merge_method: linear\ndtype: float32\nmodels:\n{models}\n"
+    else:
+        builtin_text = merge_yaml(definition.mergekit_equivalent, family, EXPERTS, shared, density)
+    ours_text = merge_yaml(
+        "masked_fusion",
+        family,
+        EXPERTS,
+        shared + f"  backbone: {backbone.value}\n  mask: {mask}\n",
+        density,
+    )
+    torch.manual_seed(1234)
+    expected = run_yaml(builtin_text, str(tmp_path / "builtin"))
+    torch.manual_seed(1234)
+    ours = run_yaml(ours_text, str(tmp_path / "ours"))
+    assert expected.keys() == ours.keys()
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-6, atol=1e-6, msg=name)
+    base = load_state(family["base"])
+    # the check can fail: the fusion really moved away from the base
+    assert any(not torch.equal(ours[n], base[n]) for n in base)
+
+
+@pytest.mark.parametrize("backbone", list(Backbone))
+def test_all_restore_mask_equals_aligned_exactly(family, tmp_path, backbone):
+    mask = write_masks(str(tmp_path / "restore.safetensors"), family, 0.0)
+    density = "\n      density: 0.6" if BACKBONES[backbone].sparsification else ""
+    text = merge_yaml(
+        "masked_fusion", family, EXPERTS, f"  backbone: {backbone.value}\n  mask: {mask}\n", density
+    )
+    merged = run_yaml(text, str(tmp_path / "out"))
+    base = load_state(family["base"])
+    for name, value in base.items():
+        assert torch.equal(merged[name], value), name
+
+
+def test_per_expert_keep_selects_experts(family, tmp_path):
+    """Keeping only expert0's task vector equals a task-arithmetic merge of expert0 alone."""
+    mask = write_masks(str(tmp_path / "m.safetensors"), family, None, per_expert=[1.0, 0.0, 0.0])
+    ours = run_yaml(
+        merge_yaml("masked_fusion", family, EXPERTS, f"  mask: {mask}\n"), str(tmp_path / "ours")
+    )
+    alone = run_yaml(merge_yaml("task_arithmetic", family, ["expert0"]), str(tmp_path / "alone"))
+    for name in alone:
+        torch.testing.assert_close(ours[name], alone[name], rtol=0, atol=1e-7)
+
+
+def test_mask_for_other_shapes_is_refused(family, tmp_path):
+    mask = write_masks(
+        str(tmp_path / "bad.safetensors"), family, 1.0, shape_of=lambda s: (*s[:-1], s[-1] + 1)
+    )
+    with pytest.raises(ArtifactError, match=r"has shape .* but tensor .* has shape"):
+        run_yaml(merge_yaml("masked_fusion", family, EXPERTS, f"  mask: {mask}\n"), str(tmp_path / "o"))
+
+
+def test_mask_for_other_models_is_refused(family, other_family, tmp_path):
+    mask = write_masks(str(tmp_path / "other.safetensors"), other_family, 1.0)
+    with pytest.raises(ArtifactError, match="computed for base model"):
+        run_yaml(merge_yaml("masked_fusion", family, EXPERTS, f"  mask: {mask}\n"), str(tmp_path / "o"))
+
+
+def test_mask_for_other_experts_is_refused(family, tmp_path):
+    mask = write_masks(str(tmp_path / "two.safetensors"), family, 1.0, names=EXPERTS[:2])
+    with pytest.raises(ArtifactError, match="computed for experts"):
+        run_yaml(merge_yaml("masked_fusion", family, EXPERTS, f"  mask: {mask}\n"), str(tmp_path / "o"))
+
+
+def test_missing_mask_file_names_the_path(family, tmp_path):
+    with pytest.raises(ArtifactError, match="not found: .*nowhere.safetensors"):
+        run_yaml(
+            merge_yaml("masked_fusion", family, EXPERTS, "  mask: nowhere.safetensors\n"),
+            str(tmp_path / "o"),
+        )
+
+
+def test_relative_mask_path_resolves_from_working_directory(family, tmp_path):
+    write_masks(str(tmp_path / "rel.safetensors"), family, 0.0)
+    text = merge_yaml("masked_fusion", family, EXPERTS, "  mask: rel.safetensors\n")
+    merged = run_yaml(text, str(tmp_path / "out"), cwd=str(tmp_path))
+    base = load_state(family["base"])
+    assert all(torch.equal(merged[n], base[n]) for n in base)
+
+
+def test_invalid_parameter_fails_before_merging(family, tmp_path):
+    text = merge_yaml("masked_fusion", family, EXPERTS, "  backbone: tie\n")
+    with pytest.raises(Exception, match="backbone"):
+        run_yaml(text, str(tmp_path / "o"))
+    assert not os.path.exists(tmp_path / "o" / "model.safetensors")
+
+
+# ---- the pure kernel
+
+
+def _tensors(seed=0, count=3, shape=(6, 5)):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=generator)
+    return base, [base + 0.1 * torch.randn(shape, generator=generator) for _ in range(count)]
+
+
+def test_fuse_post_keep_and_zero_roles():
+    base, experts = _tensors()
+    plain = fuse(base, experts)
+    post = torch.zeros_like(base)
+    post[0] = 1
+    masked = fuse(base, experts, masks=TensorMasks(post_keep=post))
+    assert torch.equal(masked[0], plain[0]) and torch.equal(masked[1:], base[1:])
+    zero = torch.zeros_like(base, dtype=torch.bool)
+    zero[:, 2] = True
+    zeroed = fuse(base, experts, masks=TensorMasks(zero=zero))
+    assert torch.all(zeroed[:, 2] == 0) and torch.equal(zeroed[:, :2], plain[:, :2])
+
+
+def test_fuse_keep_rescale_is_somf_rescale():
+    base, experts = _tensors(count=1)
+    keep = (torch.arange(base.numel()).reshape(base.shape) % 2).float()
+    out = fuse(base, experts, masks=TensorMasks(keep=[keep], keep_rescale=True))
+    expected = base + keep * (experts[0] - base) / keep.mean()
+    torch.testing.assert_close(out, expected)
+
+
+def test_fuse_does_not_modify_inputs():
+    base, experts = _tensors()
+    copies = [base.clone()] + [e.clone() for e in experts]
+    fuse(base, experts, backbone=Backbone.ties, densities=[0.5] * 3)
+    assert all(torch.equal(a, b) for a, b in zip([base] + experts, copies))
+
+
+def test_non_finite_input_names_the_tensor(family, tmp_path):
+    from mergekit.merge_methods import get, merge_state_dicts
+
+    base, experts = _tensors()
+    experts[1] = experts[1].clone()
+    experts[1][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="w of model 2 contains NaN"):
+        merge_state_dicts([{"w": base}] + [{"w": e} for e in experts], get("masked_fusion"), base=0)
+
+
+def test_dare_seed_is_reproducible():
+    from mergekit.merge_methods import get, merge_state_dicts
+
+    base, experts = _tensors(shape=(40, 30))
+    dicts = [{"w": base}] + [{"w": e} for e in experts]
+    parameters = {"backbone": "dare_ties", "density": 0.5, "seed": 3}
+    first = merge_state_dicts(dicts, get("masked_fusion"), base=0, parameters=parameters)["w"]
+    torch.manual_seed(999)  # the global RNG must not matter once a seed is given
+    second = merge_state_dicts(dicts, get("masked_fusion"), base=0, parameters=parameters)["w"]
+    other = merge_state_dicts(dicts, get("masked_fusion"), base=0, parameters={**parameters, "seed": 4})["w"]
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other)
