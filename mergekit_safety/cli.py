@@ -19,6 +19,21 @@ def methods_command() -> None:
     click.echo(describe_methods())
 
 
+@main.command("locate")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--force", is_flag=True, help="Recompute even if a current artifact exists.")
+def locate_command(config: str, force: bool) -> None:
+    """Compute the artifact (masks/scores) a merge CONFIG needs, where it says."""
+    from mergekit_safety.artifacts import ArtifactError
+    from mergekit_safety.locate import locate_config
+
+    try:
+        path = locate_config(config, force=force)
+    except ArtifactError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(path)
+
+
 # --- lab commands (mergekit_safety/lab) ---
 # --- end lab commands ---
 

@@ -19,6 +19,7 @@ the arithmetic lives once, in :func:`fuse`.
 
 from __future__ import annotations
 
+import logging
 import threading
 import zlib
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ from mergekit.merge_methods.generalized_task_arithmetic import get_mask
 from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 
 from mergekit_safety.artifacts import ArtifactError, open_artifact, tensor_key
+from mergekit_safety.locate import AUTO, Locator, request_from_group
+
+logger = logging.getLogger(__name__)
 
 
 class Backbone(str, Enum):
@@ -296,24 +300,33 @@ class MaskedFusion(GroupMergeMethod):
             )
         return artifact.get(key).to(device=like.device, dtype=like.dtype)
 
-    def tensor_masks(self, group: TensorGroup, parameters: Dict[str, Any]) -> TensorMasks:
-        """Generic artifact roles: keep (shared or per expert), post_keep, zero."""
+    def open_mask_artifact(self, group: TensorGroup, parameters: Dict[str, Any]):
+        """The artifact this tensor's masks come from, or None (keep everything)."""
         path = parameters["mask"]
         if not path:
-            return TensorMasks()
+            return None
         artifact = open_artifact(path)
         self.check_models(artifact, group)
+        return artifact
+
+    def tensor_masks(self, group: TensorGroup, parameters: Dict[str, Any]) -> TensorMasks:
+        artifact = self.open_mask_artifact(group, parameters)
+        if artifact is None:
+            return TensorMasks()
+        return self.masks_from_artifact(artifact, group, parameters)
+
+    def masks_from_artifact(self, artifact, group: TensorGroup, parameters: Dict[str, Any]) -> TensorMasks:
+        """Generic artifact roles: keep (shared or per expert), post_keep, zero.
+
+        Methods with their own artifact content (logits, unit labels, scores) override this.
+        """
         name = group.metadata.name
         base = group.base.tensor
         experts = group.non_base
         shared_keep = self.read_mask(artifact, tensor_key("keep", name), base, name)
         keep, expert_zero = [], []
         for position, entry in enumerate(experts):
-            index = (
-                artifact.expert_index(entry.id)
-                if _is_model_reference(entry.id) and artifact.metadata.experts
-                else position
-            )
+            index = self.expert_position(artifact, entry.id, position)
             own = self.read_mask(artifact, tensor_key("keep", name, index), base, name)
             keep.append(own if own is not None else shared_keep)
             expert_zero.append(self.read_mask(artifact, tensor_key("zero", name, index), base, name))
@@ -324,6 +337,13 @@ class MaskedFusion(GroupMergeMethod):
             expert_zero=expert_zero,
             keep_rescale=bool(artifact.metadata.settings.get("keep_rescale", False)),
         )
+
+    @staticmethod
+    def expert_position(artifact, model_id: Any, position: int) -> int:
+        """Index of an expert in the artifact: by fingerprint for real models, else by order."""
+        if _is_model_reference(model_id) and artifact.metadata.experts:
+            return artifact.expert_index(model_id)
+        return position
 
     # ---- execution
 
@@ -355,6 +375,16 @@ class MaskedFusion(GroupMergeMethod):
             return fuse(base, tensors, **kwargs)
 
 
+def _stat_key(path: Any) -> tuple:
+    import os
+
+    try:
+        stat = os.stat(path)
+    except (OSError, TypeError):
+        return (str(path),)
+    return (str(path), stat.st_size, stat.st_mtime_ns)
+
+
 def _is_model_reference(value: Any) -> bool:
     return type(value).__name__ == "ModelReference"
 
@@ -368,3 +398,78 @@ def _refuse_non_finite(group: TensorGroup) -> None:
                 f"tensor {group.metadata.name} of {role} {entry.id} contains NaN or Inf "
                 "values; refusing to merge a corrupted checkpoint"
             )
+
+
+class LocatingMaskedFusion(Locator, MaskedFusion):
+    """A masked fusion whose artifact is computed from the models and data in its YAML.
+
+    ``mask: auto`` (default) puts the artifact in the cache under a content hash; a path
+    makes it a file of the user's. Either way it is computed on first use if missing, and
+    refused if stale (see mergekit_safety.locate).
+    """
+
+    mask_description = (
+        "artifact path, or 'auto' (default: content-addressed file in the cache); computed "
+        "from the models and data on first use if missing, refused if stale"
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._located: Dict[tuple, str] = {}
+        self._warned_no_data = False
+
+    def can_locate(self, parameters: Dict[str, Any]) -> bool:
+        """Whether the parameters name what the locate step needs (data files)."""
+        return all(parameters.get(name) for name in self.data_parameters)
+
+    @cached_property
+    def spec(self) -> MergeMethodSpec:
+        spec = super().spec
+        parameters = tuple(
+            _parameter("mask", str, AUTO, self.mask_description) if p.name == "mask" else p
+            for p in spec.parameters
+        )
+        return MergeMethodSpec(
+            name=spec.name,
+            pretty_name=spec.pretty_name,
+            reference_url=spec.reference_url,
+            parameters=parameters,
+            contract=spec.contract,
+        )
+
+    def open_mask_artifact(self, group: TensorGroup, parameters: Dict[str, Any]):
+        path = parameters["mask"]
+        explicit = path and path != AUTO
+        if not _is_model_reference(group.base.id):
+            # Direct tensor API (no models to compute from): only an explicit file can apply.
+            return super().open_mask_artifact(group, parameters) if explicit else None
+        if not explicit and not self.can_locate(parameters):
+            if not self._warned_no_data:
+                self._warned_no_data = True
+                logger.warning(
+                    "%s: no artifact and no calibration data (%s) given: merging with the "
+                    "plain %s backbone, WITHOUT safety restoration",
+                    self.name,
+                    ", ".join(self.data_parameters),
+                    parameters["backbone"],
+                )
+            return None
+        request = request_from_group(self.name, group, parameters)
+        key = (
+            path,
+            request.base,
+            request.experts,
+            tuple(sorted((k, str(v)) for k, v in request.parameters.items())),
+            tuple((str(e), tuple(sorted((k, str(v)) for k, v in p.items()))) for e, p in request.expert_parameters.items()),
+            # a data file edited between two merges in one process must be noticed
+            tuple(_stat_key(parameters.get(name)) for name in self.data_parameters),
+        )
+        with self._check_lock:
+            located = self._located.get(key)
+        if located is None:
+            located = self.locate(request)
+            with self._check_lock:
+                self._located[key] = located
+        artifact = open_artifact(located)
+        self.check_models(artifact, group)
+        return artifact

@@ -112,10 +112,9 @@ def describe_methods() -> str:
             default = "required" if parameter.default is MISSING else repr(parameter.default)
             scope = "per model" if parameter.scope != ParameterScope.SHARED else "global"
             type_name = _type_name(parameter.value_type)
-            lines.append(
-                f"    {parameter.name:<14} {type_name:<28} {scope:<9} default {default:<18} "
-                f"{parameter.description or ''}".rstrip()
-            )
+            lines.append(f"    {parameter.name} ({type_name}, {scope}, default {default})")
+            if parameter.description:
+                lines.append(f"        {parameter.description}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

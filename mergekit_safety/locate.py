@@ -1,0 +1,301 @@
+"""Config-only use of data-driven methods: compute the artifact a merge config needs.
+
+A data-driven method (Antidote, SSAH, SOMF) needs an artifact (masks, scores, logits)
+computed from the models and calibration data named in its YAML parameters. Two paths
+produce it, through the same function so they always agree:
+
+* ``mergekit-safety locate CONFIG.yml`` — reads the config, computes, writes;
+* plain ``mergekit-yaml CONFIG.yml out/`` — the method's kernel, at the first tensor, finds
+  the artifact missing and computes it (once per process, under a file lock, atomically).
+
+An artifact records what it was computed from (model fingerprints, the method's locate
+settings, sha256 of each data file). An existing artifact whose record differs from what the
+config asks for is **stale** and is refused with a message saying how to recompute it; it is
+never silently used. ``mask: auto`` (the default of locating methods) names the artifact by
+the content hash of that record in a cache folder (``MERGEKIT_SAFETY_CACHE``, default
+``~/.cache/mergekit-safety``), so changing the data or the settings simply makes a new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+from mergekit_safety.artifacts import (
+    ArtifactError,
+    ArtifactMetadata,
+    ModelIdentity,
+    file_sha256,
+    open_artifact,
+    write_artifact,
+)
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class LocateRequest:
+    """Everything a locate step may use: models and the merge's resolved parameters."""
+
+    method: str
+    base: Any  # mergekit ModelReference (or a path string)
+    experts: Tuple[Any, ...]
+    parameters: Mapping[str, Any]  # global (shared) parameters, scalars
+    expert_parameters: Mapping[Any, Mapping[str, Any]] = field(default_factory=dict)
+
+    def model_path(self, model: Any) -> str:
+        """Local directory of a plain model reference (LoRA references: see resolve_model)."""
+        return resolve_model(model)
+
+
+def resolve_model(model: Any) -> str:
+    """Local directory for a model reference; ``base+adapter`` references are merged once
+    into mergekit's LoRA cache the way mergekit itself does it."""
+    text = str(model)
+    if "+" not in text:
+        path = text.split("@")[0]
+        if not os.path.isdir(path):
+            raise ArtifactError(
+                f"model {text!r} is not a local directory; mergekit-safety never downloads "
+                "models: download it first and use the local path"
+            )
+        return path
+    from mergekit.common import ModelReference
+
+    reference = model if not isinstance(model, str) else ModelReference.parse(model)
+    cache = os.path.join(cache_folder(), "lora-merged")
+    os.makedirs(cache, exist_ok=True)
+    return reference.merged(cache_dir=cache).model.path
+
+
+def cache_folder() -> str:
+    return os.environ.get(
+        "MERGEKIT_SAFETY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mergekit-safety")
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+class Locator:
+    """Mixin for methods with a locate step. Subclasses set the class attributes and
+    implement :meth:`compute_artifact`."""
+
+    #: YAML parameters that change the artifact (recorded as its settings)
+    locate_parameters: Tuple[str, ...] = ()
+    #: YAML parameters that name data files (their sha256 is recorded)
+    data_parameters: Tuple[str, ...] = ()
+    #: per-model YAML parameters that change the artifact (e.g. SOMF trains through weights)
+    expert_locate_parameters: Tuple[str, ...] = ()
+    #: whether the artifact depends on the experts (SSAH's unit scores depend on θ_A only)
+    binds_experts: bool = True
+
+    # ---- to implement
+
+    def compute_artifact(self, request: LocateRequest) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        """Return (tensors by artifact key, extra metadata)."""
+        raise NotImplementedError
+
+    # ---- shared
+
+    def artifact_record(self, request: LocateRequest) -> ArtifactMetadata:
+        settings = {name: _jsonable(request.parameters.get(name)) for name in self.locate_parameters}
+        if self.expert_locate_parameters:
+            settings["experts"] = [
+                {name: _jsonable(request.expert_parameters.get(e, {}).get(name)) for name in self.expert_locate_parameters}
+                for e in request.experts
+            ]
+        data = {}
+        for name in self.data_parameters:
+            path = request.parameters.get(name)
+            if not path:
+                continue
+            if not os.path.isfile(path):
+                raise ArtifactError(
+                    f"{request.method}: data file {name}={path!r} not found (resolved to "
+                    f"{os.path.abspath(path)}; relative paths resolve from the working directory)"
+                )
+            data[name] = file_sha256(path)
+        return ArtifactMetadata(
+            method=request.method,
+            base=ModelIdentity.of(request.base),
+            experts=tuple(ModelIdentity.of(e) for e in request.experts) if self.binds_experts else (),
+            settings=settings,
+            data=data,
+            binds_experts=self.binds_experts,
+        )
+
+    def artifact_path(self, request: LocateRequest, record: Optional[ArtifactMetadata] = None) -> str:
+        path = request.parameters.get("mask") or AUTO
+        if path != AUTO:
+            return path
+        record = record or self.artifact_record(request)
+        identity = json.dumps(
+            {k: v for k, v in record.to_strings().items() if k not in ("extra",)}, sort_keys=True
+        )
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:24]
+        return os.path.join(cache_folder(), "artifacts", f"{request.method}-{digest}.safetensors")
+
+    def check_current(self, path: str, record: ArtifactMetadata) -> None:
+        """Refuse an artifact computed from other models, data or settings."""
+        found = open_artifact(path).metadata
+        problems = []
+        if found.method != record.method:
+            problems.append(f"it was written by method {found.method!r}, not {record.method!r}")
+        if record.base and found.base and found.base.fingerprint != record.base.fingerprint:
+            problems.append(f"base model differs ({found.base.ref} → {record.base.ref})")
+        if sorted(e.fingerprint for e in found.experts) != sorted(e.fingerprint for e in record.experts):
+            problems.append(
+                f"experts differ ({[e.ref for e in found.experts]} → {[e.ref for e in record.experts]})"
+            )
+        for key in sorted(set(found.settings) | set(record.settings)):
+            if found.settings.get(key) != record.settings.get(key):
+                problems.append(f"setting {key}: {found.settings.get(key)!r} → {record.settings.get(key)!r}")
+        for key in sorted(set(found.data) | set(record.data)):
+            if found.data.get(key) != record.data.get(key):
+                problems.append(f"data {key} changed (sha256 differs)")
+        if problems:
+            raise ArtifactError(
+                f"{path} is stale for this merge: " + "; ".join(problems)
+                + ". Recompute it with `mergekit-safety locate CONFIG.yml --force`, delete it, "
+                "or use `mask: auto`."
+            )
+
+    def locate(self, request: LocateRequest, force: bool = False) -> str:
+        """Make sure the artifact for ``request`` exists and is current; return its path."""
+        record = self.artifact_record(request)
+        path = self.artifact_path(request, record)
+        with _path_lock(path):
+            if os.path.exists(path) and not force:
+                self.check_current(path, record)
+                return path
+            logger.info("%s: computing %s", request.method, path)
+            tensors, extra = self.compute_artifact(request)
+            record.extra = {**record.extra, **extra}
+            write_artifact(path, tensors, record)
+        return path
+
+
+_thread_locks: Dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def _path_lock(path: str):
+    """One computation per artifact: a thread lock plus an advisory file lock (processes)."""
+    absolute = os.path.abspath(path)
+    with _thread_locks_guard:
+        lock = _thread_locks.setdefault(absolute, threading.Lock())
+    os.makedirs(os.path.dirname(absolute), exist_ok=True)
+    with lock:
+        with open(absolute + ".lock", "a+") as handle:
+            try:
+                import fcntl
+
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            except ImportError:  # pragma: no cover - non-POSIX
+                pass
+            try:
+                yield
+            finally:
+                try:
+                    import fcntl
+
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+                except ImportError:  # pragma: no cover
+                    pass
+        with contextlib.suppress(OSError):
+            os.unlink(absolute + ".lock")
+
+
+# --------------------------------------------------------------------------- from a YAML
+
+
+def request_from_config(config_path: str) -> Tuple[Any, LocateRequest]:
+    """Parse a mergekit YAML into (method, LocateRequest), with scalar parameters only."""
+    import yaml
+    from mergekit.common import ModelReference
+    from mergekit.config import MergeConfiguration
+    from mergekit import merge_methods
+
+    with open(config_path, "r", encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle)
+    config = MergeConfiguration.model_validate(raw)
+    method = merge_methods.get(config.merge_method)
+    if not isinstance(method, Locator):
+        raise ArtifactError(
+            f"{config_path}: merge_method {config.merge_method!r} has no locate step"
+        )
+    if not config.models or config.base_model is None:
+        raise ArtifactError(
+            f"{config_path}: locate needs a `models:` list and a `base_model:` (slices are not supported)"
+        )
+    base = config.base_model
+    experts = tuple(m.model for m in config.models if m.model != base)
+    specs = {p.name: p for p in method.spec.parameters}
+
+    def scalar(name, setting, where):
+        if isinstance(setting, (list, dict)) or hasattr(setting, "filter"):
+            raise ArtifactError(
+                f"{config_path}: {where} parameter {name!r} must be a single value for locate "
+                "(per-layer lists and filters are not supported by data-driven methods)"
+            )
+        return specs[name].validate(setting) if name in specs else setting
+
+    parameters = {}
+    for name, spec in specs.items():
+        if spec.scope.value == "shared":
+            value = (config.parameters or {}).get(name)
+            parameters[name] = spec.default if value is None else scalar(name, value, "global")
+    expert_parameters = {}
+    for model in config.models:
+        if model.model == base:
+            continue
+        values = {}
+        for name, spec in specs.items():
+            if spec.scope.value != "shared":
+                value = (model.parameters or {}).get(name, (config.parameters or {}).get(name))
+                values[name] = spec.default if value is None else scalar(name, value, f"{model.model}")
+        expert_parameters[model.model] = values
+    return method, LocateRequest(
+        method=method.spec.name,
+        base=base,
+        experts=experts,
+        parameters=parameters,
+        expert_parameters=expert_parameters,
+    )
+
+
+def locate_config(config_path: str, force: bool = False) -> str:
+    method, request = request_from_config(config_path)
+    return method.locate(request, force=force)
+
+
+def request_from_group(method_name: str, group, parameters: Mapping[str, Any]) -> LocateRequest:
+    """The same request, built inside a merge kernel from its tensor group."""
+    experts = tuple(entry.id for entry in group.non_base)
+    shared = {k: v for k, v in parameters.items() if not hasattr(v, "values_for")}
+    per_input = {k: v for k, v in parameters.items() if hasattr(v, "values_for")}
+    expert_parameters = {e: {k: v[e] for k, v in per_input.items() if e in v} for e in experts}
+    return LocateRequest(
+        method=method_name,
+        base=group.base.id,
+        experts=experts,
+        parameters=shared,
+        expert_parameters=expert_parameters,
+    )

@@ -1,0 +1,148 @@
+"""Config-only use: artifacts computed on first use, cached by content, stale ones refused."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tiny_models import build_family, load_state, merge_yaml, run_yaml
+
+from mergekit_safety.artifacts import ArtifactError, open_artifact, tensor_key
+from mergekit_safety.core import LocatingMaskedFusion
+from mergekit_safety.locate import locate_config
+
+
+class ToyLocate(LocatingMaskedFusion):
+    """Restores the first `rows` rows of every 2-D tensor; `rows` is read from a data file."""
+
+    name = "toy_locate_for_tests"
+    locate_parameters = ("data", "fraction")
+    data_parameters = ("data",)
+    calls = 0
+
+    def extra_parameters(self):
+        from mergekit_safety.core import _parameter
+
+        return (
+            _parameter("data", str, "", "data file"),
+            _parameter("fraction", float, 1.0, "unused setting"),
+        )
+
+    def compute_artifact(self, request):
+        type(self).calls += 1
+        rows = int(open(request.parameters["data"]).read())
+        tensors = {}
+        for name, value in load_state(request.model_path(request.base)).items():
+            if value.dim() == 2:
+                keep = torch.ones_like(value)
+                keep[:rows] = 0
+                tensors[tensor_key("post_keep", name)] = keep
+        return tensors, {"rows": rows}
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from mergekit.merge_methods import registry
+
+    method = ToyLocate()
+    registry.register(method)
+    yield method
+    registry._METHODS.pop(method.name, None)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return build_family(str(tmp_path_factory.mktemp("family")), experts=2)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEKIT_SAFETY_CACHE", str(tmp_path / "cache"))
+
+
+def _config(tmp_path, family, data, mask="auto", fraction=1.0, filename="config.yml"):
+    text = merge_yaml(
+        ToyLocate.name, family, ["expert0", "expert1"],
+        f"  data: {data}\n  mask: {mask}\n  fraction: {fraction}\n",
+    )
+    path = tmp_path / filename
+    path.write_text(text)
+    return text, str(path)
+
+
+def test_merge_computes_missing_artifact_once_and_uses_it(toy, family, tmp_path):
+    data = tmp_path / "rows.txt"
+    data.write_text("2")
+    text, _ = _config(tmp_path, family, data)
+    ToyLocate.calls = 0
+    first = run_yaml(text, str(tmp_path / "a"))
+    assert ToyLocate.calls == 1
+    second = run_yaml(text, str(tmp_path / "b"))
+    assert ToyLocate.calls == 1  # reused from the content-addressed cache
+    base = load_state(family["base"])
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(first[name][:2], base[name][:2])
+    assert not torch.equal(first[name][2:], base[name][2:])
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_changed_data_makes_a_new_auto_artifact(toy, family, tmp_path):
+    data = tmp_path / "rows.txt"
+    data.write_text("1")
+    text, _ = _config(tmp_path, family, data)
+    ToyLocate.calls = 0
+    run_yaml(text, str(tmp_path / "a"))
+    data.write_text("3")
+    merged = run_yaml(text, str(tmp_path / "b"))
+    assert ToyLocate.calls == 2
+    base = load_state(family["base"])
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(merged[name][:3], base[name][:3])
+
+
+def test_explicit_artifact_is_refused_when_stale(toy, family, tmp_path):
+    data = tmp_path / "rows.txt"
+    data.write_text("2")
+    mask = tmp_path / "masks" / "toy.safetensors"
+    text, config = _config(tmp_path, family, data, mask=str(mask))
+    assert locate_config(config) == str(mask)
+    assert open_artifact(str(mask)).metadata.extra == {"rows": 2}
+    run_yaml(text, str(tmp_path / "a"))  # current: used as is
+    text2, _ = _config(tmp_path, family, data, mask=str(mask), fraction=0.5, filename="c2.yml")
+    with pytest.raises(ArtifactError, match=r"stale .*setting fraction: 1.0 → 0.5"):
+        run_yaml(text2, str(tmp_path / "b"))
+    data.write_text("3")
+    with pytest.raises(ArtifactError, match="data data changed"):
+        run_yaml(text, str(tmp_path / "c"))
+    # --force recomputes; then the merge accepts it
+    locate_config(config, force=True)
+    run_yaml(text, str(tmp_path / "d"))
+
+
+def test_cli_locate_and_merge_agree(toy, family, tmp_path):
+    data = tmp_path / "rows.txt"
+    data.write_text("1")
+    text, config = _config(tmp_path, family, data)
+    ToyLocate.calls = 0
+    path = locate_config(config)
+    assert os.path.exists(path) and ToyLocate.calls == 1
+    run_yaml(text, str(tmp_path / "a"))
+    assert ToyLocate.calls == 1  # the merge found the CLI's artifact
+
+
+def test_no_data_falls_back_to_plain_backbone_with_warning(toy, family, tmp_path, caplog):
+    text = merge_yaml(ToyLocate.name, family, ["expert0", "expert1"])
+    plain = merge_yaml("task_arithmetic", family, ["expert0", "expert1"])
+    with caplog.at_level("WARNING"):
+        ours = run_yaml(text, str(tmp_path / "a"))
+    expected = run_yaml(plain, str(tmp_path / "b"))
+    assert all(torch.equal(ours[k], expected[k]) for k in ours)
+    assert "WITHOUT safety restoration" in caplog.text
+
+
+def test_missing_data_file_is_named(toy, family, tmp_path):
+    text, _ = _config(tmp_path, family, tmp_path / "missing.jsonl")
+    with pytest.raises(ArtifactError, match="data file data=.*missing.jsonl.* not found"):
+        run_yaml(text, str(tmp_path / "a"))
