@@ -274,6 +274,16 @@ class MaskedFusion(GroupMergeMethod):
             contract=InputContract(base=BasePolicy.REQUIRED),
         )
 
+    # ---- plan-time validation
+
+    def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
+        config = _planning_config()
+        if config is not None:
+            from mergekit_safety.checks import check_at_plan_time
+
+            check_at_plan_time(config)
+
     # ---- masks
 
     def check_models(self, artifact, group: TensorGroup) -> None:
@@ -373,6 +383,26 @@ class MaskedFusion(GroupMergeMethod):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
             return fuse(base, tensors, **kwargs)
+
+
+def _planning_config():
+    """The MergeConfiguration mergekit's planner is validating, if we are called from it.
+
+    mergekit 0.1.5 gives methods no plan-time view of their parameters; the planner calls
+    ``validate_inputs`` once per slice before any tensor task exists, so the config is
+    found on the caller's frame. Any other caller (tests, direct API) gets None.
+    """
+    import sys
+
+    frame = sys._getframe(2)
+    for _ in range(4):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if type(owner).__name__ == "MergePlanner" and frame.f_code.co_name == "normalize_config":
+            return getattr(owner, "config", None)
+        frame = frame.f_back
+    return None
 
 
 def _stat_key(path: Any) -> tuple:

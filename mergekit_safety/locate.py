@@ -229,12 +229,16 @@ def _path_lock(path: str):
 def request_from_config(config_path: str) -> Tuple[Any, LocateRequest]:
     """Parse a mergekit YAML into (method, LocateRequest), with scalar parameters only."""
     import yaml
-    from mergekit.common import ModelReference
-    from mergekit.config import MergeConfiguration
-    from mergekit import merge_methods
 
     with open(config_path, "r", encoding="utf-8") as handle:
         raw = yaml.safe_load(handle)
+    return request_from_config_data(raw, config_path)
+
+
+def request_from_config_data(raw: Mapping[str, Any], config_path: str = "merge config") -> Tuple[Any, LocateRequest]:
+    from mergekit import merge_methods
+    from mergekit.config import MergeConfiguration
+
     config = MergeConfiguration.model_validate(raw)
     method = merge_methods.get(config.merge_method)
     if not isinstance(method, Locator):

@@ -1,0 +1,342 @@
+"""`mergekit-safety check`: validate a merge config before any tensor is loaded.
+
+mergekit silently ignores unknown parameter names (a typo like ``mask_flie`` passes) and a
+global-only parameter written under one model. A merge of several large models takes hours,
+so this module finds, in one pass and with one line per problem:
+
+* unknown or misspelled parameters (with the closest known name), at every level;
+* global-only parameters written under a model (mergekit ignores them there);
+* invalid or out-of-range values;
+* missing models, artifacts and calibration data files, and malformed data files;
+* an artifact computed for other models, data or settings;
+* experts whose tensor names or shapes differ from the base model's.
+
+Our methods run the same checks at plan time (see :func:`check_at_plan_time`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+
+@dataclass(frozen=True)
+class Problem:
+    message: str
+    line: Optional[int] = None
+
+    def format(self, source: str) -> str:
+        where = f"{source}:{self.line}" if self.line else source
+        return f"{where}: {self.message}"
+
+
+class ConfigCheckError(ValueError):
+    def __init__(self, source: str, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        lines = "\n".join(p.format(source) for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in merge config:\n{lines}")
+
+
+# --------------------------------------------------------------------------- YAML lines
+
+
+def _line_map(text: str) -> Dict[Tuple, int]:
+    """Map key paths (('parameters', 'lambda'), ('models', 0, 'parameters', 'weight'), …)
+    to 1-based line numbers."""
+    import yaml
+
+    lines: Dict[Tuple, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = path + (key.value,)
+                lines[sub] = key.start_mark.line + 1
+                walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[path + (index,)] = item.start_mark.line + 1
+                walk(item, path + (index,))
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+# --------------------------------------------------------------------------- headers
+
+
+def safetensors_shapes(directory: str) -> Dict[str, Tuple[int, ...]]:
+    """Tensor name → shape of a model directory, from the safetensors headers only."""
+    from mergekit_safety.artifacts import _safetensors_files
+
+    shapes = {}
+    for path in _safetensors_files(directory):
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for name, info in header.items():
+            if name != "__metadata__":
+                shapes[name] = tuple(info["shape"])
+    return shapes
+
+
+# --------------------------------------------------------------------------- the check
+
+
+def _setting_values(value: Any) -> List[Any]:
+    """The scalar values inside a mergekit parameter setting (scalar, list, or filters)."""
+    if isinstance(value, list):
+        out = []
+        for item in value:
+            if isinstance(item, dict) and "value" in item:
+                out.extend(_setting_values(item["value"]))
+            else:
+                out.append(item)
+        return out
+    return [value]
+
+
+def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None = None) -> List[Problem]:
+    """Check a parsed YAML mapping; return the problems found (empty = fine)."""
+    from mergekit import merge_methods
+
+    from mergekit_safety.core import MaskedFusion
+
+    lines = lines or {}
+    problems: List[Problem] = []
+
+    def add(message: str, path: Tuple = ()):
+        line = None
+        for cut in range(len(path), -1, -1):
+            if path[:cut] in lines:
+                line = lines[path[:cut]]
+                break
+        problems.append(Problem(message, line))
+
+    if not isinstance(raw, Mapping):
+        return [Problem("the file is not a YAML mapping (expected merge_method:, models:, …)")]
+    method_name = raw.get("merge_method")
+    try:
+        method = merge_methods.get(method_name)
+    except RuntimeError:
+        known = [m.spec.name for m in merge_methods.registered_methods()]
+        close = difflib.get_close_matches(str(method_name), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return [Problem(f"unknown merge_method {method_name!r}{hint}", lines.get(("merge_method",)))]
+    ours = isinstance(method, MaskedFusion)
+    specs = {p.name: p for p in method.spec.parameters}
+    shared = {n for n, p in specs.items() if p.scope.value == "shared"}
+
+    def check_parameters(parameters: Any, path: Tuple, under_model: Optional[str]):
+        if parameters is None:
+            return
+        if not isinstance(parameters, Mapping):
+            add("parameters must be a mapping of name: value", path)
+            return
+        for name, value in parameters.items():
+            where = path + (name,)
+            if name not in specs:
+                close = difflib.get_close_matches(name, list(specs), n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                add(
+                    f"unknown parameter {name!r} for {method_name} (mergekit would silently "
+                    f"ignore it){hint}",
+                    where,
+                )
+                continue
+            if under_model is not None and name in shared:
+                add(
+                    f"parameter {name!r} is global for {method_name}: written under model "
+                    f"{under_model} it is silently ignored by mergekit — move it to the top-level "
+                    "`parameters:`",
+                    where,
+                )
+            for scalar in _setting_values(value):
+                try:
+                    specs[name].validate(scalar)
+                except Exception as error:  # pydantic / our named errors
+                    add(f"parameter {name!r}: invalid value {scalar!r} ({_short(error)})", where)
+
+    check_parameters(raw.get("parameters"), ("parameters",), None)
+    models = raw.get("models") or []
+    for index, model in enumerate(models):
+        if isinstance(model, Mapping):
+            check_parameters(model.get("parameters"), ("models", index, "parameters"), str(model.get("model")))
+    for s_index, output_slice in enumerate(raw.get("slices") or []):
+        check_parameters(output_slice.get("parameters"), ("slices", s_index, "parameters"), None)
+        for i_index, source in enumerate(output_slice.get("sources") or []):
+            check_parameters(
+                source.get("parameters"),
+                ("slices", s_index, "sources", i_index, "parameters"),
+                str(source.get("model")),
+            )
+
+    if not ours:
+        return problems
+
+    base = raw.get("base_model")
+    if not base:
+        add(f"{method_name} needs a base_model: the safety-aligned model the task vectors are taken against")
+        return problems
+
+    # models exist locally, and have the base model's tensor names and shapes
+    model_refs = [m.get("model") for m in models if isinstance(m, Mapping)]
+    base_shapes = _model_shapes(str(base), ("base_model",), add)
+    for index, ref in enumerate(model_refs):
+        if ref is None or str(ref) == str(base):
+            continue
+        shapes = _model_shapes(str(ref), ("models", index, "model"), add)
+        if base_shapes is None or shapes is None:
+            continue
+        missing = sorted(set(base_shapes) - set(shapes))
+        if missing:
+            add(f"model {ref} lacks {len(missing)} tensor(s) of the base model, e.g. {missing[0]}", ("models", index))
+        vocabulary_aligned = bool(raw.get("tokenizer") or raw.get("tokenizer_source"))
+        for name in sorted(set(base_shapes) & set(shapes)):
+            vocabulary_tensor = "embed" in name or "lm_head" in name
+            if vocabulary_tensor and vocabulary_aligned:
+                continue  # mergekit re-aligns the vocabulary axis itself
+            if base_shapes[name] != shapes[name]:
+                hint = (
+                    " (a vocabulary difference: align it with `tokenizer: {source: base}`)"
+                    if "embed" in name or "lm_head" in name
+                    else ""
+                )
+                add(
+                    f"model {ref}: tensor {name} has shape {list(shapes[name])}, base has "
+                    f"{list(base_shapes[name])}{hint}",
+                    ("models", index),
+                )
+                break
+
+    if problems:
+        return problems
+    problems.extend(_check_files_and_artifact(method, raw, add))
+    return problems
+
+
+def _model_shapes(ref: str, path: Tuple, add) -> Optional[Dict[str, Tuple[int, ...]]]:
+    directory = ref.split("+")[0].split("@")[0]
+    if not os.path.isdir(directory):
+        add(
+            f"model {ref!r} is not a local directory (resolved from the working directory "
+            f"{os.getcwd()}); mergekit-safety never downloads models",
+            path,
+        )
+        return None
+    try:
+        shapes = safetensors_shapes(directory)
+    except Exception as error:
+        add(f"model {ref}: cannot read its safetensors headers ({_short(error)})", path)
+        return None
+    if not shapes:
+        add(f"model {ref}: no .safetensors weights found in {directory}", path)
+        return None
+    return shapes
+
+
+def _check_files_and_artifact(method, raw: Mapping[str, Any], add) -> List[Problem]:
+    from mergekit_safety.artifacts import ArtifactError, open_artifact
+    from mergekit_safety.locate import AUTO, Locator, request_from_config_data
+
+    parameters = raw.get("parameters") or {}
+    mask = parameters.get("mask")
+    if isinstance(method, Locator):
+        for name in method.data_parameters:
+            path = parameters.get(name)
+            if not path:
+                continue
+            if not os.path.isfile(str(path)):
+                add(f"{name}: data file {path!r} not found (resolved from {os.getcwd()})", ("parameters", name))
+                continue
+            try:
+                from mergekit_safety.data import read_jsonl
+
+                read_jsonl(str(path))
+            except Exception as error:
+                add(f"{name}: {_short(error)}", ("parameters", name))
+        if mask and mask != AUTO and os.path.exists(str(mask)):
+            try:
+                _, request = request_from_config_data(raw)
+                method.check_current(str(mask), method.artifact_record(request))
+            except ArtifactError as error:
+                add(str(error), ("parameters", "mask"))
+        return []
+    if mask:
+        if not os.path.exists(str(mask)):
+            add(f"mask artifact {mask!r} not found (resolved from {os.getcwd()})", ("parameters", "mask"))
+            return []
+        try:
+            artifact = open_artifact(str(mask))
+            experts = [m["model"] for m in raw.get("models") or [] if str(m.get("model")) != str(raw["base_model"])]
+            artifact.check_models(str(raw["base_model"]), experts)
+        except ArtifactError as error:
+            add(str(error), ("parameters", "mask"))
+    return []
+
+
+def _short(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def check_config_file(path: str) -> List[Problem]:
+    import yaml
+
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        return [Problem(f"cannot read: {error}")]
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        return [Problem(f"invalid YAML: {getattr(error, 'problem', error)}", mark.line + 1 if mark else None)]
+    problems = check_config_data(raw, _line_map(text))
+    if problems:
+        return problems
+    # finally, mergekit's own validation of the config structure
+    try:
+        from mergekit.config import MergeConfiguration
+
+        MergeConfiguration.model_validate(raw)
+    except Exception as error:
+        return [Problem(f"mergekit rejects the config: {_short(error)}")]
+    return []
+
+
+# --------------------------------------------------------------------------- plan time
+
+_checked_configs: set = set()
+
+
+def check_at_plan_time(config: Any) -> None:
+    """Run the same checks on the MergeConfiguration mergekit is planning; raise on problems."""
+    key = id(config)
+    if key in _checked_configs:
+        return
+    _checked_configs.add(key)
+    raw = config.model_dump(mode="json", exclude_none=True)
+    if not raw.get("models") and raw.get("modules"):
+        # mergekit has already normalised `models:` into modules/slices; read them back
+        module = next(iter(raw["modules"].values()))
+        slices = module.get("slices") or []
+        if len(slices) == 1:
+            raw = {k: v for k, v in raw.items() if k != "modules"}
+            raw["models"] = [
+                {"model": s["model"], "parameters": s.get("parameters") or {}}
+                for s in slices[0].get("sources") or []
+            ]
+    problems = check_config_data(raw)
+    if problems:
+        raise ConfigCheckError("merge config", problems)
