@@ -23,6 +23,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from mergekit_safety.artifacts import ArtifactError
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -34,7 +36,10 @@ class Problem:
         return f"{where}: {self.message}"
 
 
-class ConfigCheckError(ValueError):
+class ConfigCheckError(ArtifactError):
+    """Problems found in a merge config (an ArtifactError, because stale or foreign
+    artifacts and missing data are among them and callers catch that type)."""
+
     def __init__(self, source: str, problems: Sequence[Problem]):
         self.problems = list(problems)
         lines = "\n".join(p.format(source) for p in self.problems)

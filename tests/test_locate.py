@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -32,7 +33,7 @@ class ToyLocate(LocatingMaskedFusion):
 
     def compute_artifact(self, request):
         type(self).calls += 1
-        rows = int(open(request.parameters["data"]).read())
+        rows = json.loads(open(request.parameters["data"]).read())["rows"]
         tensors = {}
         for name, value in load_state(request.model_path(request.base)).items():
             if value.dim() == 2:
@@ -73,8 +74,8 @@ def _config(tmp_path, family, data, mask="auto", fraction=1.0, filename="config.
 
 
 def test_merge_computes_missing_artifact_once_and_uses_it(toy, family, tmp_path):
-    data = tmp_path / "rows.txt"
-    data.write_text("2")
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"rows": 2}\n')
     text, _ = _config(tmp_path, family, data)
     ToyLocate.calls = 0
     first = run_yaml(text, str(tmp_path / "a"))
@@ -89,12 +90,12 @@ def test_merge_computes_missing_artifact_once_and_uses_it(toy, family, tmp_path)
 
 
 def test_changed_data_makes_a_new_auto_artifact(toy, family, tmp_path):
-    data = tmp_path / "rows.txt"
-    data.write_text("1")
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"rows": 1}\n')
     text, _ = _config(tmp_path, family, data)
     ToyLocate.calls = 0
     run_yaml(text, str(tmp_path / "a"))
-    data.write_text("3")
+    data.write_text('{"rows": 3}\n')
     merged = run_yaml(text, str(tmp_path / "b"))
     assert ToyLocate.calls == 2
     base = load_state(family["base"])
@@ -103,18 +104,18 @@ def test_changed_data_makes_a_new_auto_artifact(toy, family, tmp_path):
 
 
 def test_explicit_artifact_is_refused_when_stale(toy, family, tmp_path):
-    data = tmp_path / "rows.txt"
-    data.write_text("2")
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"rows": 2}\n')
     mask = tmp_path / "masks" / "toy.safetensors"
     text, config = _config(tmp_path, family, data, mask=str(mask))
     assert locate_config(config) == str(mask)
     assert open_artifact(str(mask)).metadata.extra == {"rows": 2}
     run_yaml(text, str(tmp_path / "a"))  # current: used as is
     text2, _ = _config(tmp_path, family, data, mask=str(mask), fraction=0.5, filename="c2.yml")
-    with pytest.raises(ArtifactError, match=r"stale .*setting fraction: 1.0 → 0.5"):
+    with pytest.raises(ValueError, match=r"stale .*setting fraction: 1.0 → 0.5"):
         run_yaml(text2, str(tmp_path / "b"))
-    data.write_text("3")
-    with pytest.raises(ArtifactError, match="data data changed"):
+    data.write_text('{"rows": 3}\n')
+    with pytest.raises(ValueError, match="data data changed"):
         run_yaml(text, str(tmp_path / "c"))
     # --force recomputes; then the merge accepts it
     locate_config(config, force=True)
@@ -122,8 +123,8 @@ def test_explicit_artifact_is_refused_when_stale(toy, family, tmp_path):
 
 
 def test_cli_locate_and_merge_agree(toy, family, tmp_path):
-    data = tmp_path / "rows.txt"
-    data.write_text("1")
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"rows": 1}\n')
     text, config = _config(tmp_path, family, data)
     ToyLocate.calls = 0
     path = locate_config(config)
@@ -144,5 +145,5 @@ def test_no_data_falls_back_to_plain_backbone_with_warning(toy, family, tmp_path
 
 def test_missing_data_file_is_named(toy, family, tmp_path):
     text, _ = _config(tmp_path, family, tmp_path / "missing.jsonl")
-    with pytest.raises(ArtifactError, match="data file data=.*missing.jsonl.* not found"):
+    with pytest.raises(ValueError, match="data file .*missing.jsonl.* not found"):
         run_yaml(text, str(tmp_path / "a"))
