@@ -181,9 +181,18 @@ def main() -> None:
     parser.add_argument("--workdir", default=os.path.join("benchmarks", ".work"))
     parser.add_argument("--json", default=os.path.join("benchmarks", "results", "merge.json"))
     parser.add_argument("--run-one", nargs=3, metavar=("KIND", "CONFIG", "OUT"))
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="instead: masked_fusion vs mergekit task_arithmetic time for 1, 2, 4, 8 experts "
+        "(at --size) and for the sizes tiny/small/medium (at 3 experts)",
+    )
     args = parser.parse_args()
     if args.run_one:
         print(json.dumps(run_one(*args.run_one)))
+        return
+    if args.scaling:
+        scaling(args)
         return
 
     os.makedirs(args.workdir, exist_ok=True)
@@ -232,6 +241,45 @@ def main() -> None:
     with open(args.json, "w") as handle:
         json.dump({"size": args.size, "experts": args.experts, "results": results, "ratios": summary}, handle, indent=2)
     print(f"\nwritten {args.json}")
+
+
+def scaling(args) -> None:
+    os.makedirs(args.workdir, exist_ok=True)
+    rows = []
+
+    def point(size, experts):
+        paths = build_models(args.workdir, size, experts)
+        out = {}
+        for method in ("task_arithmetic", "masked_fusion"):
+            config_path = os.path.join(args.workdir, f"scaling-{size}-{experts}-{method}.yml")
+            with open(config_path, "w") as handle:
+                handle.write(config_text(method, paths, experts))
+            out[method] = measure("merge", config_path, os.path.join(args.workdir, "out"), args.repeats)
+        row = {
+            "size": size,
+            "experts": experts,
+            "mergekit_seconds": out["task_arithmetic"]["seconds"],
+            "ours_seconds": out["masked_fusion"]["seconds"],
+            "ratio": out["masked_fusion"]["seconds"] / out["task_arithmetic"]["seconds"],
+            "ours_peak_rss_mb": out["masked_fusion"]["peak_rss_mb"],
+        }
+        rows.append(row)
+        print(
+            f"  {size:<7} experts {experts}: mergekit {row['mergekit_seconds']:.2f} s, ours "
+            f"{row['ours_seconds']:.2f} s (×{row['ratio']:.2f}), peak RSS {row['ours_peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
+
+    for experts in (1, 2, 4, 8):
+        point(args.size, experts)
+    for size in ("tiny", "small", "medium"):
+        if size != args.size:
+            point(size, 3)
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    target = args.json.replace(".json", "-scaling.json")
+    with open(target, "w") as handle:
+        json.dump(rows, handle, indent=2)
+    print(f"written {target}")
 
 
 if __name__ == "__main__":
