@@ -80,6 +80,11 @@ def inspect_command(artifact, png, no_png, protect_share, control, control_seed,
 
 
 # --- lab commands (mergekit_safety/lab) ---
+from mergekit_safety.lab.commands import demo_command, eval_command, lab_command  # noqa: E402
+
+main.add_command(lab_command)
+main.add_command(eval_command)
+main.add_command(demo_command)
 # --- end lab commands ---
 
 

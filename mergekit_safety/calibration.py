@@ -1,0 +1,679 @@
+"""Calibration engine: per-input-channel activation statistics of a causal LM's Linear layers.
+
+Runs a causal language model over a calibration set and accumulates, for every selected
+``nn.Linear`` of the decoder layers, statistics of its **input** channels over the chosen
+tokens (response tokens only, or every non-padding token):
+
+* ``sum_sq[j] = Σ_t x_tj²`` — Wanda's ‖X_j‖₂² (Antidote scores |W_ij|·‖X_j‖₂);
+* ``mean[j]``, ``m2[j]`` — streaming mean and sum of squared deviations (Chan et al.'s
+  parallel merge of per-batch moments, in float64), so ``variance = m2 / count`` is exact to
+  float64 rounding whatever the number of tokens (FLAP / SSAH score Var(X_j)·‖W_:j‖²);
+* ``count`` — the number of tokens seen.
+
+Statistics are accumulated in float64 whatever the model dtype; the forward pass runs in
+``dtype`` (float32 by default — the right choice on CPUs). Nothing is random: the same
+inputs give the same statistics.
+
+Two execution modes, which give the same numbers (tests check it):
+
+* **streaming** (default): the model is never materialised whole. A skeleton of the model is
+  built on the ``meta`` device from its config with transformers' own classes; only the
+  modules before the decoder layers (embeddings, rotary embedding) are loaded. One forward
+  pass of the real model code with every decoder layer replaced by a pass-through "catcher"
+  records exactly what the model hands each layer (hidden states, attention mask as the model
+  builds it for that layer type, position embeddings, position ids). Then the layers are run
+  one at a time: layer ``i`` is materialised from its tensors alone (``safe_open``), all
+  calibration batches are pushed through it with hooks on its Linear modules, and it is freed
+  before layer ``i + 1`` is loaded. Peak memory ≈ embeddings + one layer + the calibration
+  activations.
+* **in-memory** (``streaming=False``): the whole HF model, hooks on its Linear modules, one
+  ordinary forward per batch. Used to cross-check the streaming mode and for architectures the
+  streaming mode refuses.
+
+The weights may come from a checkpoint directory or from any :class:`WeightSource` — e.g.
+:class:`FusedSource`, the plain fusion of an aligned model and experts computed tensor by
+tensor with :func:`mergekit_safety.core.fuse`, so statistics of a fused model never need the
+fused checkpoint on disk.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import threading
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TokenScope = Literal["response", "all"]
+DEFAULT_MODULES = "*"
+
+
+class CalibrationError(ValueError):
+    """The model, its weights or the calibration data cannot be used (message says why)."""
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class ChannelStats:
+    """Per-input-channel statistics of one Linear module (float64, on CPU)."""
+
+    count: int
+    sum_sq: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    @classmethod
+    def empty(cls, channels: int) -> "ChannelStats":
+        zeros = lambda: torch.zeros(channels, dtype=torch.float64)  # noqa: E731
+        return cls(0, zeros(), zeros(), zeros())
+
+    @property
+    def channels(self) -> int:
+        return int(self.sum_sq.numel())
+
+    @property
+    def norm_sq(self) -> torch.Tensor:
+        """‖X_j‖₂² over every token seen (Wanda's statistic)."""
+        return self.sum_sq
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """‖X_j‖₂ over every token seen."""
+        return self.sum_sq.sqrt()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance of x_j over the tokens seen (0 if none)."""
+        if self.count == 0:
+            return torch.zeros_like(self.m2)
+        return self.m2 / self.count
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a block of tokens ``x`` of shape (tokens, channels)."""
+        if x.dim() != 2 or x.shape[1] != self.channels:
+            raise ValueError(f"expected (tokens, {self.channels}) activations, got {tuple(x.shape)}")
+        n = int(x.shape[0])
+        if n == 0:
+            return
+        x = x.detach().to(device="cpu", dtype=torch.float64)
+        batch_mean = x.mean(dim=0)
+        centred = x - batch_mean
+        self._merge(n, (x * x).sum(dim=0), batch_mean, (centred * centred).sum(dim=0))
+
+    def merge(self, other: "ChannelStats") -> "ChannelStats":
+        """Statistics of the union of both token sets (Chan's parallel update); returns a new object."""
+        result = ChannelStats(self.count, self.sum_sq.clone(), self.mean.clone(), self.m2.clone())
+        result._merge(other.count, other.sum_sq, other.mean, other.m2)
+        return result
+
+    def _merge(self, n: int, sum_sq: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        if n == 0:
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
+        self.sum_sq = self.sum_sq + sum_sq
+        self.count = total
+
+    def to_tensors(self, prefix: str) -> Dict[str, torch.Tensor]:
+        return {
+            f"{prefix}.count": torch.tensor([self.count], dtype=torch.int64),
+            f"{prefix}.sum_sq": self.sum_sq,
+            f"{prefix}.mean": self.mean,
+            f"{prefix}.m2": self.m2,
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], prefix: str) -> "ChannelStats":
+        return cls(
+            int(tensors[f"{prefix}.count"][0]),
+            tensors[f"{prefix}.sum_sq"].to(torch.float64),
+            tensors[f"{prefix}.mean"].to(torch.float64),
+            tensors[f"{prefix}.m2"].to(torch.float64),
+        )
+
+
+# --------------------------------------------------------------------------- weight sources
+
+
+class WeightSource:
+    """Tensors of a model by checkpoint name, read on demand."""
+
+    def names(self) -> List[str]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class SafetensorsSource(WeightSource):
+    """The safetensors shards of a model directory (index file or ``*.safetensors``)."""
+
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
+        index = os.path.join(self.directory, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index, "r", encoding="utf-8") as handle:
+                weight_map = json.load(handle)["weight_map"]
+            self._files = {name: os.path.join(self.directory, f) for name, f in weight_map.items()}
+        else:
+            from safetensors import safe_open
+
+            files = sorted(f for f in os.listdir(self.directory) if f.endswith(".safetensors")) if os.path.isdir(self.directory) else []
+            if not files:
+                raise CalibrationError(f"{self.directory}: no safetensors weights found")
+            self._files = {}
+            for file in files:
+                path = os.path.join(self.directory, file)
+                with safe_open(path, framework="pt", device="cpu") as handle:
+                    for name in handle.keys():
+                        self._files[name] = path
+        self._handles: Dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> List[str]:
+        return sorted(self._files)
+
+    def has(self, name: str) -> bool:
+        return name in self._files
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self._files.get(name)
+        if path is None:
+            raise CalibrationError(f"{self.directory}: tensor {name!r} not found in the checkpoint")
+        with self._lock:
+            handle = self._handles.get(path)
+            if handle is None:
+                handle = safe_open(path, framework="pt", device="cpu")
+                self._handles[path] = handle
+            return handle.get_tensor(name)
+
+    def describe(self) -> str:
+        return self.directory
+
+
+class FusedSource(WeightSource):
+    """θ_A + Merge(θ_i − θ_A) computed per tensor with :func:`mergekit_safety.core.fuse`.
+
+    ``fuse_kwargs`` are passed to ``fuse`` (backbone, weights, densities, lambda_, normalize,
+    rescale, int8_mask). ``seed`` seeds random backbones per tensor exactly as
+    :meth:`mergekit_safety.core.MaskedFusion.merge_group` does, so the fused tensors equal the
+    ones the merge would write without masks.
+    """
+
+    def __init__(self, base: WeightSource, experts: Sequence[WeightSource], fuse_kwargs: Mapping[str, Any], seed: Optional[int] = None):
+        self.base = base
+        self.experts = list(experts)
+        self.fuse_kwargs = dict(fuse_kwargs)
+        self.seed = seed
+
+    def names(self) -> List[str]:
+        return self.base.names()
+
+    def get(self, name: str) -> torch.Tensor:
+        from mergekit_safety.core import fuse
+
+        base = self.base.get(name).to(torch.float32)
+        experts = []
+        for expert in self.experts:
+            tensor = expert.get(name).to(torch.float32)
+            if tensor.shape != base.shape:
+                raise CalibrationError(
+                    f"tensor {name}: expert {expert.describe()} has shape {list(tensor.shape)}, "
+                    f"base {self.base.describe()} has {list(base.shape)}"
+                )
+            experts.append(tensor)
+        if self.seed is None:
+            return fuse(base, experts, **self.fuse_kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+            return fuse(base, experts, **self.fuse_kwargs)
+
+    def describe(self) -> str:
+        return f"fusion of {self.base.describe()} and {len(self.experts)} experts"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_examples(path: str, max_samples: int = 0, prompt_key: str = "prompt", response_key: str = "response") -> List[Dict[str, str]]:
+    """Read a calibration JSONL (``prompt``, ``response`` per line); the first ``max_samples``
+    records (0 = all)."""
+    from mergekit_safety.data import read_jsonl
+
+    records = read_jsonl(path, [prompt_key, response_key])
+    if max_samples and max_samples > 0:
+        records = records[:max_samples]
+    return [{"prompt": r[prompt_key], "response": r[response_key]} for r in records]
+
+
+def encode_examples(tokenizer: Any, examples: Sequence[Mapping[str, Any]], max_length: Optional[int] = None) -> List[Dict[str, List[int]]]:
+    """Examples as ``{input_ids, response_mask}``: pre-encoded ones pass through, (prompt,
+    response) ones are encoded with :func:`mergekit_safety.data.encode_example` (chat template
+    when the tokenizer has one)."""
+    from mergekit_safety.data import encode_example
+
+    encoded = []
+    for index, example in enumerate(examples):
+        if "input_ids" in example:
+            ids = list(example["input_ids"])
+            mask = list(example.get("response_mask", [1] * len(ids)))
+            if len(mask) != len(ids):
+                raise CalibrationError(f"calibration example {index}: response_mask and input_ids differ in length")
+            encoded.append({"input_ids": ids, "response_mask": mask})
+            continue
+        if tokenizer is None:
+            raise CalibrationError("calibration examples are text but the model has no tokenizer")
+        if "prompt" not in example:
+            raise CalibrationError(f"calibration example {index}: no 'prompt' (nor 'input_ids')")
+        encoded.append(encode_example(tokenizer, example["prompt"], example.get("response"), max_length=max_length))
+    if not encoded:
+        raise CalibrationError("the calibration set is empty")
+    return encoded
+
+
+def _batches(encoded, batch_size: int, pad_id: int, token_scope: str):
+    from mergekit_safety.data import batches
+
+    if token_scope not in ("response", "all"):
+        raise CalibrationError(f"token_scope must be 'response' or 'all', not {token_scope!r}")
+    result = []
+    for batch in batches(encoded, batch_size, pad_id, padding_side="right"):
+        tokens = batch["response_mask"] if token_scope == "response" else batch["attention_mask"]
+        result.append((batch["input_ids"], batch["attention_mask"], tokens.bool()))
+    return result
+
+
+def _pad_id(tokenizer: Any, config: Any) -> int:
+    for value in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(config, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(config, "eos_token_id", None),
+    ):
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+# --------------------------------------------------------------------------- module selection
+
+
+def parse_modules(modules: Any) -> List[str]:
+    """``"*"`` (every Linear of the decoder layers), or comma-separated fnmatch patterns
+    matched against the module name inside its layer (``self_attn.q_proj``, ``mlp.*``) or
+    against the full name (``model.layers.0.mlp.down_proj``)."""
+    if modules is None or modules == "":
+        return [DEFAULT_MODULES]
+    if isinstance(modules, str):
+        patterns = [p.strip() for p in modules.split(",") if p.strip()]
+    else:
+        patterns = [str(p).strip() for p in modules]
+    return patterns or [DEFAULT_MODULES]
+
+
+def _selected(relative: str, full: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(relative, p) or fnmatch.fnmatchcase(full, p) for p in patterns)
+
+
+def _find_layers(model) -> Tuple[str, torch.nn.ModuleList]:
+    """The decoder-layer ModuleList of a causal LM and its qualified name."""
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    count = getattr(model.config, "num_hidden_layers", None)
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            classes = {type(child).__name__ for child in module}
+            if classes & layer_classes or (not layer_classes and len(module) == count):
+                candidates.append((name, module))
+    if len(candidates) != 1:
+        raise CalibrationError(
+            f"{type(model).__name__}: cannot identify the decoder layers "
+            f"({len(candidates)} candidate module lists); use streaming=False"
+        )
+    return candidates[0]
+
+
+def _linear_modules(layers_name: str, layers: torch.nn.ModuleList, patterns: Sequence[str]) -> Dict[int, Dict[str, torch.nn.Linear]]:
+    selected: Dict[int, Dict[str, torch.nn.Linear]] = {}
+    for index, layer in enumerate(layers):
+        for relative, module in layer.named_modules():
+            if isinstance(module, torch.nn.Linear) and relative:
+                full = f"{layers_name}.{index}.{relative}"
+                if _selected(relative, full, patterns):
+                    selected.setdefault(index, {})[full] = module
+    if not selected:
+        raise CalibrationError(f"no Linear module of the decoder layers matches modules={list(patterns)}")
+    return selected
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+class _Accumulator:
+    """Forward pre-hooks that add the selected tokens of each module's input to its stats."""
+
+    def __init__(self):
+        self.stats: Dict[str, ChannelStats] = {}
+        self.tokens: Optional[torch.Tensor] = None  # (batch, time) bool of the current batch
+        self._handles = []
+
+    def attach(self, name: str, module: torch.nn.Linear) -> None:
+        if name not in self.stats:
+            self.stats[name] = ChannelStats.empty(module.in_features)
+
+        def hook(_module, args, kwargs=None):
+            x = args[0] if args else kwargs["input"]
+            mask = self.tokens
+            if mask is None or x.shape[:2] != mask.shape:
+                raise CalibrationError(f"{name}: unexpected input shape {tuple(x.shape)} for the token mask")
+            self.stats[name].update(x[mask])
+
+        self._handles.append(module.register_forward_pre_hook(hook))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def collect_statistics(
+    model_path: str,
+    examples: Sequence[Mapping[str, Any]],
+    modules: Any = DEFAULT_MODULES,
+    token_scope: TokenScope = "response",
+    batch_size: int = 8,
+    streaming: bool = True,
+    weights: Optional[WeightSource] = None,
+    tokenizer: Any = None,
+    max_length: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    description: str = "calibration",
+) -> Dict[str, ChannelStats]:
+    """Per-input-channel statistics of the selected decoder-layer Linear modules.
+
+    ``model_path``: model directory (config, tokenizer; weights unless ``weights`` is given).
+    ``examples``: dicts with ``prompt`` and ``response`` (encoded with the model's tokenizer /
+    chat template), or pre-encoded dicts with ``input_ids`` (+ optional ``response_mask``).
+    ``token_scope``: ``"response"`` (response tokens only) or ``"all"`` (every non-padding
+    token). Returns ``{weight name: ChannelStats}``, weight names as in the checkpoint (e.g.
+    ``model.layers.0.mlp.down_proj.weight``).
+    """
+    from transformers import AutoConfig
+
+    if batch_size < 1:
+        raise CalibrationError("batch_size must be >= 1")
+    config = AutoConfig.from_pretrained(model_path)
+    if tokenizer is None and any("input_ids" not in e for e in examples):
+        tokenizer = load_tokenizer(model_path)
+    encoded = encode_examples(tokenizer, examples, max_length=max_length)
+    batches = _batches(encoded, batch_size, _pad_id(tokenizer, config), token_scope)
+    patterns = parse_modules(modules)
+    if weights is None:
+        weights = SafetensorsSource(model_path) if streaming else None
+    with torch.inference_mode():
+        if streaming:
+            stats = _collect_streaming(config, weights, batches, patterns, dtype, progress, description)
+        else:
+            stats = _collect_in_memory(model_path, config, weights, batches, patterns, dtype, progress, description)
+    return {f"{name}.weight": value for name, value in stats.items()}
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except Exception as error:  # noqa: BLE001 - any failure means: no usable tokenizer
+        raise CalibrationError(f"{model_path}: cannot load its tokenizer ({error})") from error
+
+
+def _skeleton(config, dtype):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _load_module(module: torch.nn.Module, prefix: str, source: WeightSource, dtype, what: str) -> None:
+    """Materialise ``module`` (on meta) on CPU with its tensors from ``source``."""
+    module.to_empty(device="cpu")
+    state = {}
+    for name, value in module.state_dict().items():
+        full = f"{prefix}{name}"
+        try:
+            tensor = source.get(full)
+        except CalibrationError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            raise CalibrationError(f"{source.describe()}: cannot read tensor {full} ({error})") from error
+        if tuple(tensor.shape) != tuple(value.shape):
+            raise CalibrationError(
+                f"{source.describe()}: tensor {full} has shape {list(tensor.shape)}, the model "
+                f"config expects {list(value.shape)}"
+            )
+        state[name] = tensor.to(dtype if value.is_floating_point() else value.dtype)
+    module.load_state_dict(state, strict=True)
+    for name, buffer in module.named_buffers():
+        if buffer.is_meta:
+            raise CalibrationError(
+                f"{what}: non-persistent buffer {prefix}{name} cannot be loaded from the "
+                "checkpoint; this architecture is not supported by streaming calibration "
+                "(use streaming=False)"
+            )
+
+
+def _rebuild_buffers(module: torch.nn.Module, config, skip: Sequence[str] = ()) -> None:
+    """Re-create submodules whose non-persistent buffers (rotary inv_freq) sit on meta."""
+    for name, child in list(module.named_modules()):
+        if name.split(".")[0] in skip:
+            continue
+        own = [b for _, b in child.named_buffers(recurse=False)]
+        if own and any(b.is_meta for b in own) and not any(True for _ in child.parameters(recurse=False)):
+            try:
+                with torch.device("cpu"):
+                    fresh = type(child)(config=getattr(child, "config", config))
+            except Exception as error:  # noqa: BLE001
+                raise CalibrationError(
+                    f"cannot re-create {type(child).__name__} ({name}) with its buffers for "
+                    f"streaming calibration ({error}); use streaming=False"
+                ) from error
+            parent_name, _, attribute = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, attribute, fresh)
+
+
+def _quiet(progress: bool) -> Dict[str, Any]:
+    """tqdm arguments: progress=False silences the bar; otherwise tqdm's own default (and its
+    TQDM_DISABLE environment switch) applies."""
+    return {} if progress else {"disable": True}
+
+
+def _release_memory() -> None:
+    """Give freed layer memory back to the OS. glibc's malloc raises its mmap threshold after
+    large frees and then keeps freed layer-sized blocks in its heap, so without a trim the
+    resident size grows by about one layer per layer although nothing is referenced."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Catcher(torch.nn.Module):
+    """Stands in for a decoder layer: records its inputs, passes the hidden states through."""
+
+    def __init__(self, layer: torch.nn.Module, index: int, record: Dict[int, Any], last: bool):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)
+        self._index = index
+        object.__setattr__(self, "_record", record)
+        self._last = last
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self._record[self._index] = (hidden_states, args, kwargs)
+        if self._last:
+            raise _StopForward
+        return hidden_states
+
+
+def _collect_streaming(config, source: WeightSource, batches, patterns, dtype, progress: bool, description: str):
+    from tqdm.auto import tqdm
+
+    model = _skeleton(config, dtype)
+    model.eval()
+    layers_name, layers = _find_layers(model)
+    selected = _linear_modules(layers_name, layers, patterns)
+    last_needed = max(selected)
+    originals = list(layers)
+
+    # Everything outside the decoder layers and the output head: embeddings, norms, rotary.
+    base_name = getattr(model, "base_model_prefix", "model")
+    backbone = getattr(model, base_name, None)
+    if backbone is None or not layers_name.startswith(base_name + "."):
+        raise CalibrationError(f"{type(model).__name__}: unexpected module layout; use streaming=False")
+    layers_attribute = layers_name[len(base_name) + 1:]
+    for name, child in backbone.named_children():
+        if name == layers_attribute:
+            continue
+        if any(True for _ in child.parameters()):
+            _load_module(child, f"{base_name}.{name}.", source, dtype, type(model).__name__)
+    _rebuild_buffers(backbone, config, skip=(layers_attribute.split(".")[0],))
+
+    # One pass of the model's own code with catchers: what each layer receives, per batch.
+    carried: List[torch.Tensor] = []
+    layer_inputs: List[Dict[int, Any]] = []
+    for batch_index, (input_ids, attention_mask, _tokens) in enumerate(batches):
+        record: Dict[int, Any] = {}
+        for index, layer in enumerate(originals):
+            layers[index] = _Catcher(layer, index, record, last=index == len(originals) - 1)
+        try:
+            backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for index, layer in enumerate(originals):
+                layers[index] = layer
+        if len(record) != len(originals):
+            raise CalibrationError(f"{type(model).__name__}: the forward pass skipped decoder layers; use streaming=False")
+        first = record[0][0]
+        for index in range(len(originals)):
+            if record[index][0].shape != first.shape:
+                raise CalibrationError(
+                    f"{type(model).__name__}: decoder layers do not return bare hidden states; "
+                    "use streaming=False"
+                )
+        carried.append(first.clone())
+        layer_inputs.append({index: (args, kwargs) for index, (_h, args, kwargs) in record.items()})
+    for name, child in backbone.named_children():
+        if name != layers_attribute:
+            child.to("meta")
+
+    accumulator = _Accumulator()
+    for index in range(last_needed + 1):
+        layer = originals[index]
+        _load_module(layer, f"{layers_name}.{index}.", source, dtype, f"layer {index}")
+        for name, module in selected.get(index, {}).items():
+            accumulator.attach(name, module)
+        bar = tqdm(batches, desc=f"{description}: layer {index + 1}/{last_needed + 1}", leave=False, **_quiet(progress))
+        for batch_index, (_ids, _attention, tokens) in enumerate(bar):
+            accumulator.tokens = tokens
+            args, kwargs = layer_inputs[batch_index][index]
+            output = layer(carried[batch_index], *args, **kwargs)
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            carried[batch_index] = output
+        bar.close()
+        accumulator.detach()
+        accumulator.tokens = None
+        layer.to("meta")  # free the layer before the next one is loaded
+        _release_memory()
+    return accumulator.stats
+
+
+def _collect_in_memory(model_path: str, config, source: Optional[WeightSource], batches, patterns, dtype, progress: bool, description: str):
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    if source is None:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        state = {}
+        for name in model.state_dict():
+            if source.has(name) if hasattr(source, "has") else name in source.names():
+                state[name] = source.get(name).to(dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        missing = [m for m in missing if m not in tied]
+        if missing:
+            raise CalibrationError(f"{source.describe()}: missing tensors {missing[:5]}")
+    model.eval()
+    layers_name, layers = _find_layers(model)
+    selected = _linear_modules(layers_name, layers, patterns)
+    accumulator = _Accumulator()
+    for modules in selected.values():
+        for name, module in modules.items():
+            accumulator.attach(name, module)
+    backbone = getattr(model, getattr(model, "base_model_prefix", "model"))
+    for input_ids, attention_mask, tokens in tqdm(batches, desc=description, leave=False, **_quiet(progress)):
+        accumulator.tokens = tokens
+        backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    accumulator.detach()
+    return accumulator.stats
+
+
+def direct_statistics(activations: Iterable[torch.Tensor]) -> ChannelStats:
+    """Reference computation from whole (tokens, channels) blocks (tests, sanity checks)."""
+    x = torch.cat([a.reshape(-1, a.shape[-1]).to(torch.float64) for a in activations])
+    stats = ChannelStats.empty(x.shape[1])
+    stats.count = int(x.shape[0])
+    stats.sum_sq = (x * x).sum(0)
+    stats.mean = x.mean(0)
+    stats.m2 = ((x - stats.mean) ** 2).sum(0)
+    return stats
+
+
+def linear_weight_names(model_path: str, modules: Any = DEFAULT_MODULES) -> List[str]:
+    """Checkpoint names of the selected decoder-layer Linear weights (no weights are read)."""
+    from transformers import AutoConfig
+
+    model = _skeleton(AutoConfig.from_pretrained(model_path), torch.float32)
+    layers_name, layers = _find_layers(model)
+    selected = _linear_modules(layers_name, layers, parse_modules(modules))
+    return [f"{name}.weight" for index in sorted(selected) for name in selected[index]]

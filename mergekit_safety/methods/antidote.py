@@ -1,0 +1,342 @@
+"""``antidote``: one-shot Wanda pruning of harmful-data-critical weights (Huang et al., 2024).
+
+Paper: "Antidote: Post-fine-tuning safety alignment for large language models against harmful
+fine-tuning attack", arXiv 2408.09600 (ICML 2025).
+
+Locate step (one calibration pass over the *unpruned* model, as in the authors' code):
+statistics ‖X_j‖₂ of every input channel of the selected decoder-layer Linear modules on
+**harmful** prompt + harmful answer data (:mod:`mergekit_safety.calibration`), Wanda scores
+h_ij = |W_ij|·‖X_j‖₂, and in each **output row** the top-α share of scores
+(``floor(α · in_features)`` entries per row, exactly) is selected. The selection is applied at
+merge time through the shared core (:func:`mergekit_safety.core.fuse`):
+
+============  ===============================  =========================================  ======
+apply_to      mode ``zero`` (paper)            mode ``reset`` (task-vector form)          role
+============  ===============================  =========================================  ======
+``experts``   W_i from expert i's stats;       score |τ_i|·‖X_j‖ (expert i's stats); the  zero@i
+              selected θ_i entries set to 0    selected τ_i entries dropped (θ_i → θ_A)   keep@i
+              before fusion
+``fusion``    W of the plain fusion, stats of  score |θ_f − θ_A|·‖X_j‖ (fused model's     zero
+              the fused model; selected        stats); selected entries restored to θ_A   post_keep
+              output entries set to 0
+============  ===============================  =========================================  ======
+
+The fused model of ``apply_to: fusion`` is the merge's own backbone fusion without masks
+(same backbone, λ, weights, densities, seed), built tensor by tensor while the calibration
+streams through it layer by layer: it is never written to disk.
+
+``control: random`` replaces the scores by seeded uniform noise — the same number of entries
+per row, the same roles — the equal-size random mask every report needs to show whether the
+Wanda scores beat chance.
+
+Defaults (``mode: reset``, ``apply_to: fusion``, ``alpha: 0.2``, ``token_scope: all``) were
+chosen on the safety lab; the measurements that decided them are in docs/antidote.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+
+import torch
+from pydantic import Field
+from typing_extensions import Annotated
+
+from mergekit_safety.artifacts import tensor_key
+from mergekit_safety.core import Backbone, LocatingMaskedFusion, UnitInterval, _parameter
+from mergekit_safety.locate import LocateRequest, resolve_model
+
+logger = logging.getLogger(__name__)
+
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+DEFAULT_ALPHA = 0.2
+DEFAULT_MODE = "reset"
+DEFAULT_APPLY_TO = "fusion"
+
+FUSION_SETTINGS = ("backbone", "lambda", "normalize", "rescale")
+
+
+def top_alpha_per_row(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Boolean mask selecting, in every output row, the ``floor(alpha · columns)`` largest
+    scores (ties broken by column order, deterministically)."""
+    if scores.dim() < 2:
+        raise ValueError(f"per-row selection needs a matrix, got shape {list(scores.shape)}")
+    rows = scores.reshape(scores.shape[0], -1)
+    k = int(alpha * rows.shape[1] + 1e-9)
+    mask = torch.zeros(rows.shape, dtype=torch.bool)
+    if k > 0:
+        order = torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :k]
+        mask.scatter_(1, order, True)
+    return mask.reshape(scores.shape)
+
+
+def wanda_scores(weight: torch.Tensor, channel_norm: torch.Tensor) -> torch.Tensor:
+    """h_ij = |W_ij| · ‖X_j‖₂ (float64)."""
+    if weight.shape[-1] != channel_norm.numel():
+        raise ValueError(
+            f"weight has {weight.shape[-1]} input channels, statistics have {channel_norm.numel()}"
+        )
+    return weight.to(torch.float64).abs() * channel_norm.to(torch.float64).reshape(1, -1)
+
+
+def random_scores(shape: Sequence[int], seed: int, name: str, expert: Optional[int] = None) -> torch.Tensor:
+    """Seeded uniform scores for the random control (independent of execution order)."""
+    salt = zlib.crc32(f"{name}@{'fusion' if expert is None else expert}".encode())
+    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + salt) % (2**63))
+    return torch.rand(tuple(shape), generator=generator, dtype=torch.float64)
+
+
+def _tokenizer_for(model: Any, directory: str, load):
+    """The base model's tokenizer: from its directory, or for a ``base+adapter`` reference
+    (merged into a cache folder without tokenizer files) from the adapter's or the base's."""
+    text = str(model)
+    candidates = [directory] + [part.split("@")[0] for part in reversed(text.split("+")) if "+" in text]
+    error = None
+    for candidate in candidates:
+        try:
+            return load(candidate)
+        except Exception as failure:  # noqa: BLE001 - try the next candidate
+            error = failure
+    raise error
+
+
+class Antidote(LocatingMaskedFusion):
+    name = "antidote"
+    pretty_name = "Antidote (Wanda pruning on harmful data)"
+    reference_url = "https://arxiv.org/abs/2408.09600"
+    summary = (
+        "Wanda scores |W|·‖X‖ on harmful prompt+answer data; per output row the top-α weights "
+        "are zeroed (mode zero, paper) or restored to the aligned model (mode reset), per "
+        "expert before fusion or on the fused model; control: random gives the equal-size "
+        "random mask."
+    )
+
+    locate_parameters = (
+        "harmful_data",
+        "alpha",
+        "mode",
+        "apply_to",
+        "modules",
+        "token_scope",
+        "max_samples",
+        "max_length",
+        "control",
+        "seed",
+        *FUSION_SETTINGS,
+    )
+    data_parameters = ("harmful_data",)
+    expert_locate_parameters = ("weight", "density")
+
+    def extra_parameters(self):
+        return (
+            _parameter(
+                "harmful_data",
+                str,
+                "",
+                "JSONL of harmful prompts with harmful answers (keys prompt, response) the "
+                "scores are computed on; empty = no locate step (plain fusion, with a warning)",
+            ),
+            _parameter("alpha", UnitInterval, DEFAULT_ALPHA, "share of each output row selected (floor(α·columns) entries)"),
+            _parameter(
+                "mode",
+                Literal["zero", "reset"],
+                DEFAULT_MODE,
+                "zero: selected weights set to 0 (paper); reset: score |τ|·‖X‖ and restore the "
+                "selected entries to the aligned model",
+            ),
+            _parameter(
+                "apply_to",
+                Literal["experts", "fusion"],
+                DEFAULT_APPLY_TO,
+                "experts: score and prune each expert before fusion (its own statistics); "
+                "fusion: score and prune the fused model (the fused model's statistics)",
+            ),
+            _parameter(
+                "modules",
+                str,
+                "*",
+                "decoder-layer Linear modules scored: '*' = all, or comma-separated patterns "
+                "(e.g. 'mlp.*,self_attn.o_proj')",
+            ),
+            _parameter(
+                "token_scope",
+                Literal["all", "response"],
+                "all",
+                "tokens the statistics run over: all (prompt + answer, as Wanda/Antidote) or "
+                "response only",
+            ),
+            _parameter("max_samples", NonNegativeInt, 0, "use the first N records of harmful_data (0 = all)"),
+            _parameter("max_length", NonNegativeInt, 0, "truncate calibration examples to N tokens (0 = no limit)"),
+            _parameter("batch_size", PositiveInt, 8, "calibration batch size (does not change the result)"),
+            _parameter(
+                "streaming",
+                bool,
+                True,
+                "calibrate layer by layer from the safetensors shards (peak memory ≈ one layer); "
+                "false = whole model in memory",
+            ),
+            _parameter(
+                "control",
+                Literal["none", "random"],
+                "none",
+                "random: the equal-size random mask (same count per row, seeded by seed) "
+                "instead of the Wanda scores — a control for reports",
+            ),
+        )
+
+    # ---- locate framework
+
+    def can_locate(self, parameters: Dict[str, Any]) -> bool:
+        if parameters.get("control") == "random":
+            return True
+        return super().can_locate(parameters)
+
+    def artifact_record(self, request: LocateRequest):
+        record = super().artifact_record(request)
+        parameters = request.parameters
+        drop = set()
+        backbone = Backbone(parameters.get("backbone") or Backbone.task_arithmetic.value)
+        if parameters.get("apply_to") == "experts":
+            drop |= set(FUSION_SETTINGS) | {"experts"}
+        random_backbone = backbone in (Backbone.dare_linear, Backbone.dare_ties)
+        if parameters.get("control") != "random" and not (parameters.get("apply_to") == "fusion" and random_backbone):
+            drop.add("seed")
+        if parameters.get("control") == "random":
+            drop |= {"harmful_data", "token_scope", "max_samples", "max_length"}
+            record.data = {}
+        record.settings = {k: v for k, v in record.settings.items() if k not in drop}
+        return record
+
+    def compute_artifact(self, request: LocateRequest) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        from mergekit_safety.calibration import (
+            FusedSource,
+            SafetensorsSource,
+            load_tokenizer,
+            collect_statistics,
+            linear_weight_names,
+            load_examples,
+        )
+
+        p = request.parameters
+        started = time.time()
+        alpha, mode, apply_to = float(p["alpha"]), p["mode"], p["apply_to"]
+        random_control = p["control"] == "random"
+        seed = 0 if p.get("seed") is None else int(p["seed"])
+        base_dir = resolve_model(request.base)
+        base = SafetensorsSource(base_dir)
+        expert_dirs = [resolve_model(e) for e in request.experts]
+        experts = [SafetensorsSource(d) for d in expert_dirs]
+
+        calibration = {}
+        examples: List[Dict[str, str]] = []
+        tokenizer = None
+        if not random_control:
+            examples = load_examples(p["harmful_data"], int(p["max_samples"] or 0))
+            tokenizer = _tokenizer_for(request.base, base_dir, load_tokenizer)
+            calibration = dict(
+                examples=examples,
+                modules=p["modules"],
+                token_scope=p["token_scope"],
+                batch_size=int(p.get("batch_size") or 8),
+                streaming=bool(p.get("streaming", True)),
+                tokenizer=tokenizer,
+                max_length=int(p["max_length"]) or None,
+            )
+
+        # (expert index or None, weight source, statistics) per target model
+        targets = []
+        if apply_to == "experts":
+            for index, (directory, source) in enumerate(zip(expert_dirs, experts)):
+                stats = None
+                if not random_control:
+                    stats = collect_statistics(directory, description=f"antidote: expert {index}", **calibration)
+                targets.append((index, source, stats))
+        else:
+            fused = FusedSource(base, experts, self._fuse_kwargs(request), seed=self._fusion_seed(request))
+            stats = None
+            if not random_control:
+                stats = collect_statistics(base_dir, weights=fused, description="antidote: fused model", **calibration)
+            targets.append((None, fused, stats))
+
+        names = linear_weight_names(base_dir, p["modules"])
+        tensors: Dict[str, torch.Tensor] = {}
+        selected_total = 0
+        entries_total = 0
+        tokens = {}
+        for index, source, stats in targets:
+            if stats is not None:
+                tokens["fusion" if index is None else f"expert{index}"] = next(iter(stats.values())).count
+            for name in names:
+                weight = source.get(name).to(torch.float32)
+                if random_control:
+                    scores = random_scores(weight.shape, seed, name, index)
+                else:
+                    if name not in stats:
+                        raise RuntimeError(f"antidote: no calibration statistics for {name}")
+                    norm = stats[name].norm
+                    scored = weight if mode == "zero" else weight - base.get(name).to(torch.float32)
+                    scores = wanda_scores(scored, norm)
+                selected = top_alpha_per_row(scores, alpha)
+                selected_total += int(selected.sum())
+                entries_total += selected.numel()
+                if mode == "zero":
+                    tensors[tensor_key("zero", name, index)] = selected
+                else:
+                    role = "keep" if index is not None else "post_keep"
+                    tensors[tensor_key(role, name, index)] = ~selected
+                del weight, scores, selected
+        extra = {
+            "selected_entries": selected_total,
+            "selected_fraction": selected_total / max(entries_total, 1),
+            "tensors": len(names),
+            "calibration_examples": len(examples),
+            "calibration_tokens": tokens,
+            "batch_size": int(p.get("batch_size") or 8),
+            "streaming": bool(p.get("streaming", True)),
+            "seconds": round(time.time() - started, 2),
+        }
+        logger.info(
+            "antidote: %s/%s α=%s%s: %d entries selected in %d tensors",
+            apply_to, mode, alpha, " (random control)" if random_control else "", selected_total, len(names),
+        )
+        return tensors, extra
+
+    # ---- the fused model the merge would produce without masks
+
+    @staticmethod
+    def _fuse_kwargs(request: LocateRequest) -> Dict[str, Any]:
+        p = request.parameters
+
+        def per_expert(name: str, default: float) -> List[float]:
+            values = []
+            for expert in request.experts:
+                value = request.expert_parameters.get(expert, {}).get(name)
+                values.append(default if value is None else float(value))
+            return values
+
+        return dict(
+            backbone=p.get("backbone") or Backbone.task_arithmetic.value,
+            weights=per_expert("weight", 1.0),
+            densities=per_expert("density", 1.0),
+            lambda_=float(p.get("lambda", 1.0)),
+            normalize=p.get("normalize"),
+            rescale=p.get("rescale"),
+            int8_mask=bool(p.get("int8_mask", False)),
+        )
+
+    @staticmethod
+    def _fusion_seed(request: LocateRequest) -> Optional[int]:
+        p = request.parameters
+        backbone = Backbone(p.get("backbone") or Backbone.task_arithmetic.value)
+        if backbone in (Backbone.dare_linear, Backbone.dare_ties) and p.get("seed") is None:
+            logger.warning(
+                "antidote: apply_to=fusion with the random %s backbone and no seed: the fused "
+                "model scored here (seed 0) is not the one the merge draws; set `seed`",
+                backbone.value,
+            )
+            return 0
+        return p.get("seed")

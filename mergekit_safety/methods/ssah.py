@@ -1,0 +1,605 @@
+"""``ssah``: protect safety-critical units of the aligned model from the fused task vectors.
+
+SSAH (Li & Kim, "Safety-critical units", arXiv 2410.10862) finds that safety lives in few
+structured units (attention heads, MLP neurons; see :mod:`mergekit_safety.units`). This method
+scores every unit of the aligned model θ_A on a safety set and a utility set, labels the units,
+and protects the safety-critical ones during fusion:
+
+    θ = θ_A + (1 − M_protect) ⊙ Merge(τ_1, …, τ_n),     τ_i = θ_i − θ_A
+
+with ``M_protect`` the rows (q/k/v/gate/up) and columns (o/down) of the protected units, and
+``Merge`` any backbone of the shared core (task arithmetic, TIES, DARE, mean). The same
+artifact freezes those units during fine-tuning (:mod:`mergekit_safety.freezing`).
+
+Scoring (the authors' working code: FLAP-style, no gradients)
+-------------------------------------------------------------
+The inputs X of ``o_proj`` and ``down_proj`` are hooked (response tokens only by default);
+for input channel j of a layer, ``S_j = Var_tokens(X[:, j]) · ‖W[:, j]‖²``.
+
+* MLP neuron j: ``S_j`` of ``down_proj``, z-scored within the layer;
+* head h: ``S_j²`` of ``o_proj``'s channels, z-scored within the layer, averaged over the
+  head's ``head_dim`` channels.
+
+Both are z-scores, so heads and neurons of all layers are ranked together. Scores are computed
+separately on the safety set (harmful prompt + refusal) and the utility set (benign prompt +
+answer); variances are per set (population variance over that set's response tokens).
+
+Labels (thresholds on unit counts, configurable)
+------------------------------------------------
+``Sum = s_safety + s_utility``, ``Diff = s_safety − s_utility``:
+RU = bottom ``ru_share`` (10 %) of Sum; EUU = bottom ``euu_share`` (10 %) of Diff; ESU = top
+``esu_share`` (1 %) of Diff; CU = the rest; ESU and EUU override RU. Ties are broken by unit
+order (stable sort), so labels are deterministic.
+
+Protection (merge-time parameters, the artifact does not depend on them)
+------------------------------------------------------------------------
+``protect_share`` (default 0.075, the paper's ≈7.5 %) is the protected share of all units:
+every ESU (by Diff) then the CU with the highest safety score, up to
+``round(protect_share · units)``. ``control: random`` protects instead a seeded random set
+with the same number of heads and the same number of neurons (``control_seed``). K/V rows of
+grouped-query attention follow ``kv_policy`` (default ``any``; see :mod:`mergekit_safety.units`).
+
+Since the scores come from θ_A alone, the artifact does not bind the experts
+(``binds_experts = False``): one artifact serves any set of experts fine-tuned from θ_A.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mergekit_safety.artifacts import ArtifactError, open_artifact, tensor_key
+from mergekit_safety.core import LocatingMaskedFusion, TensorMasks, UnitInterval, _parameter
+from mergekit_safety.units import (
+    KV_POLICIES,
+    UnitError,
+    UnitLayout,
+    UnitSet,
+    flatten,
+    layout_parameter_count,
+    random_like,
+    split_flat,
+    unit_mask,
+    unit_parameter_count,
+)
+
+logger = logging.getLogger(__name__)
+
+METHOD_NAME = "ssah"
+
+# unit labels as stored in the artifact (int8)
+CU, ESU, EUU, RU = 0, 1, 2, 3
+LABEL_NAMES = {CU: "CU", ESU: "ESU", EUU: "EUU", RU: "RU"}
+CONTROLS = ("none", "random")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+class LabelSettings(BaseModel):
+    """Thresholds of the unit labels, as shares of the number of units."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    esu_share: float = Field(0.01, ge=0.0, le=1.0, description="top share of Diff labelled ESU")
+    euu_share: float = Field(0.10, ge=0.0, le=1.0, description="bottom share of Diff labelled EUU")
+    ru_share: float = Field(0.10, ge=0.0, le=1.0, description="bottom share of Sum labelled RU")
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "LabelSettings":
+        if self.esu_share + self.euu_share > 1.0:
+            raise ValueError(
+                f"esu_share + euu_share = {self.esu_share + self.euu_share} > 1: ESU and EUU would overlap"
+            )
+        return self
+
+
+class ScoreSettings(BaseModel):
+    """How the calibration statistics are gathered."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    safety_data: str = Field(description="JSONL of harmful prompts + refusals (prompt, response)")
+    utility_data: str = Field(description="JSONL of benign prompts + answers (prompt, response)")
+    max_samples: int = Field(128, ge=1, description="samples used from each file (the paper: 128)")
+    max_length: int = Field(256, ge=2, description="tokens per sample (prompt cut from the left)")
+    batch_size: int = Field(8, ge=1)
+    response_only: bool = Field(True, description="statistics over response tokens only")
+
+
+class ProtectSettings(BaseModel):
+    """Which units a merge (or a fine-tuning run) protects, from one artifact."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    protect_share: float = Field(0.075, ge=0.0, le=1.0)
+    control: Literal["none", "random"] = "none"
+    control_seed: int = 0
+    kv_policy: Literal["any", "all", "none"] = "any"
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def zscore(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """(x − mean) / std along ``dim`` (population std); all-equal rows give zeros."""
+    values = values.double()
+    mean = values.mean(dim=dim, keepdim=True)
+    std = values.std(dim=dim, keepdim=True, unbiased=False)
+    centred = values - mean
+    return torch.where(std > 0, centred / std.clamp_min(1e-300), torch.zeros_like(centred))
+
+
+def channel_scores(variance: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """FLAP fluctuation score ``S_j = Var(X[:, j]) · ‖W[:, j]‖²`` of a Linear's input channels
+    (``weight`` is ``[out, in]``, ``variance`` is ``[in]``)."""
+    if variance.shape[-1] != weight.shape[-1]:
+        raise UnitError(
+            f"channel variance has {variance.shape[-1]} channels but the weight has "
+            f"{weight.shape[-1]} input columns"
+        )
+    return variance.double() * weight.double().pow(2).sum(dim=0)
+
+
+def unit_scores(
+    layout: UnitLayout,
+    attention_variance: torch.Tensor,
+    mlp_variance: torch.Tensor,
+    o_weights: List[torch.Tensor],
+    down_weights: List[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Unit scores ``heads[L, H]``, ``neurons[L, I]`` from per-layer input variances of
+    ``o_proj`` (``[L, H·d]``) and ``down_proj`` (``[L, I]``) and their weights."""
+    heads, neurons = [], []
+    for layer in range(layout.num_layers):
+        attention = channel_scores(attention_variance[layer], o_weights[layer])
+        heads.append(
+            zscore(attention.pow(2)).view(layout.num_heads, layout.head_dim).mean(dim=-1)
+        )
+        neurons.append(zscore(channel_scores(mlp_variance[layer], down_weights[layer])))
+    return torch.stack(heads).float(), torch.stack(neurons).float()
+
+
+def _bottom(values: torch.Tensor, count: int) -> torch.Tensor:
+    return torch.argsort(values, stable=True)[:count]
+
+
+def _top(values: torch.Tensor, count: int) -> torch.Tensor:
+    return torch.argsort(values, descending=True, stable=True)[:count]
+
+
+def share_count(share: float, total: int) -> int:
+    """Number of units a share stands for (rounded half up, deterministic)."""
+    return min(total, int(share * total + 0.5))
+
+
+def classify(safety: torch.Tensor, utility: torch.Tensor, settings: LabelSettings = LabelSettings()) -> torch.Tensor:
+    """Labels (int8: CU 0, ESU 1, EUU 2, RU 3) of flat unit score vectors."""
+    if safety.shape != utility.shape or safety.dim() != 1:
+        raise ValueError(f"safety {tuple(safety.shape)} and utility {tuple(utility.shape)} must be equal 1-D shapes")
+    total = safety.numel()
+    summed = safety.double() + utility.double()
+    diff = safety.double() - utility.double()
+    labels = torch.full((total,), CU, dtype=torch.int8)
+    labels[_bottom(summed, share_count(settings.ru_share, total))] = RU
+    labels[_bottom(diff, share_count(settings.euu_share, total))] = EUU
+    labels[_top(diff, share_count(settings.esu_share, total))] = ESU
+    return labels
+
+
+def select_protected(
+    labels: torch.Tensor, safety: torch.Tensor, utility: torch.Tensor, share: float
+) -> torch.Tensor:
+    """Flat boolean: every ESU (by Diff), then the CU with the highest safety score, up to
+    ``round(share · units)`` units."""
+    total = labels.numel()
+    count = share_count(share, total)
+    diff = safety.double() - utility.double()
+    esu = (labels == ESU).nonzero().view(-1)
+    esu = esu[torch.argsort(diff[esu], descending=True, stable=True)]
+    cu = (labels == CU).nonzero().view(-1)
+    cu = cu[torch.argsort(safety.double()[cu], descending=True, stable=True)]
+    chosen = torch.cat([esu, cu])[:count]
+    if chosen.numel() < count:
+        logger.warning(
+            "ssah: protect_share %.4f asks for %d units but only %d are ESU or CU; protecting those",
+            share, count, chosen.numel(),
+        )
+    protected = torch.zeros(total, dtype=torch.bool)
+    protected[chosen] = True
+    return protected
+
+
+# --------------------------------------------------------------------------- artifact
+
+ROLE_SAFETY, ROLE_UTILITY, ROLE_LABEL = "ssah_safety", "ssah_utility", "ssah_label"
+
+
+@dataclass
+class UnitScores:
+    """What an SSAH artifact holds: layout, z-scores per set and labels, per layer."""
+
+    layout: UnitLayout
+    safety_heads: torch.Tensor
+    safety_neurons: torch.Tensor
+    utility_heads: torch.Tensor
+    utility_neurons: torch.Tensor
+    label_heads: torch.Tensor
+    label_neurons: torch.Tensor
+    label_settings: LabelSettings = LabelSettings()
+
+    @classmethod
+    def from_scores(
+        cls,
+        layout: UnitLayout,
+        safety: Tuple[torch.Tensor, torch.Tensor],
+        utility: Tuple[torch.Tensor, torch.Tensor],
+        settings: LabelSettings = LabelSettings(),
+    ) -> "UnitScores":
+        labels = classify(flatten(*safety), flatten(*utility), settings)
+        label_heads, label_neurons = split_flat(layout, labels)
+        return cls(layout, *safety, *utility, label_heads, label_neurons, settings)
+
+    @property
+    def safety(self) -> torch.Tensor:
+        return flatten(self.safety_heads, self.safety_neurons)
+
+    @property
+    def utility(self) -> torch.Tensor:
+        return flatten(self.utility_heads, self.utility_neurons)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return flatten(self.label_heads, self.label_neurons)
+
+    def label_set(self, label: int) -> UnitSet:
+        return UnitSet(self.label_heads == label, self.label_neurons == label)
+
+    def protected(self, settings: ProtectSettings = ProtectSettings()) -> UnitSet:
+        chosen = UnitSet.from_flat(
+            self.layout, select_protected(self.labels, self.safety, self.utility, settings.protect_share)
+        )
+        if settings.control == "random":
+            return random_like(chosen, settings.control_seed)
+        return chosen
+
+    def budget(self) -> UnitSet:
+        """The redundant units (the "alignment budget")."""
+        return self.label_set(RU)
+
+    def label_shares(self) -> Dict[str, float]:
+        labels = self.labels
+        return {name: float((labels == code).float().mean()) for code, name in LABEL_NAMES.items()}
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        return {
+            tensor_key(ROLE_SAFETY, "heads"): self.safety_heads.float(),
+            tensor_key(ROLE_SAFETY, "neurons"): self.safety_neurons.float(),
+            tensor_key(ROLE_UTILITY, "heads"): self.utility_heads.float(),
+            tensor_key(ROLE_UTILITY, "neurons"): self.utility_neurons.float(),
+            tensor_key(ROLE_LABEL, "heads"): self.label_heads.to(torch.int8),
+            tensor_key(ROLE_LABEL, "neurons"): self.label_neurons.to(torch.int8),
+        }
+
+    def metadata(self) -> Dict[str, Any]:
+        return {
+            "layout": self.layout.to_dict(),
+            "label_settings": self.label_settings.model_dump(),
+            "label_shares": self.label_shares(),
+        }
+
+    @classmethod
+    def from_artifact(cls, artifact) -> "UnitScores":
+        if artifact.metadata.method != METHOD_NAME:
+            raise ArtifactError(
+                f"{artifact.path}: written by method {artifact.metadata.method!r}, not an SSAH unit artifact"
+            )
+        extra = artifact.metadata.extra
+        if "layout" not in extra:
+            raise ArtifactError(f"{artifact.path}: SSAH artifact without a unit layout in its metadata")
+        layout = UnitLayout.from_dict(extra["layout"])
+        values = {}
+        for role in (ROLE_SAFETY, ROLE_UTILITY, ROLE_LABEL):
+            for kind in ("heads", "neurons"):
+                key = tensor_key(role, kind)
+                if not artifact.has(key):
+                    raise ArtifactError(f"{artifact.path}: SSAH artifact lacks tensor {key!r}")
+                values[(role, kind)] = artifact.get(key)
+        scores = cls(
+            layout,
+            values[(ROLE_SAFETY, "heads")], values[(ROLE_SAFETY, "neurons")],
+            values[(ROLE_UTILITY, "heads")], values[(ROLE_UTILITY, "neurons")],
+            values[(ROLE_LABEL, "heads")], values[(ROLE_LABEL, "neurons")],
+            LabelSettings(**extra.get("label_settings", {})),
+        )
+        UnitSet(scores.label_heads.bool(), scores.label_neurons.bool()).check(layout)
+        return scores
+
+
+def load_unit_scores(path_or_artifact) -> UnitScores:
+    artifact = open_artifact(path_or_artifact) if isinstance(path_or_artifact, (str, os.PathLike)) else path_or_artifact
+    return UnitScores.from_artifact(artifact)
+
+
+def write_scores_artifact(path: str, scores: UnitScores, base_model: Any, parameters: Optional[Dict[str, Any]] = None, extra: Optional[Dict[str, Any]] = None) -> str:
+    """Write unit scores computed elsewhere (or synthetic) as an SSAH artifact for
+    ``base_model``, recorded with the method's locate settings (defaults overridden by
+    ``parameters``) so a merge with the same settings accepts it."""
+    from mergekit_safety.artifacts import write_artifact
+    from mergekit_safety.locate import LocateRequest
+
+    method = SSAHMethod()
+    values = {p.name: p.default for p in method.spec.parameters if p.scope.value == "shared"}
+    values.update(parameters or {})
+    values["mask"] = path
+    record = method.artifact_record(LocateRequest(METHOD_NAME, base_model, (), values))
+    record.extra = {**scores.metadata(), **(extra or {})}
+    write_artifact(path, scores.tensors(), record)
+    return path
+
+
+def score_model(model_dir: str, settings: ScoreSettings, label_settings: LabelSettings = LabelSettings()) -> Tuple[UnitScores, Dict[str, Any]]:
+    """Score every unit of the model in ``model_dir`` on the safety and utility sets."""
+    layout = UnitLayout.from_model_dir(model_dir)
+    per_set = {}
+    info: Dict[str, Any] = {}
+    for name, path in (("safety", settings.safety_data), ("utility", settings.utility_data)):
+        stats = input_variances(model_dir, path, layout, settings)
+        per_set[name] = unit_scores(
+            layout, stats.attention_variance, stats.mlp_variance, stats.o_weights, stats.down_weights
+        )
+        info[f"{name}_tokens"] = stats.tokens
+        info[f"{name}_samples"] = stats.samples
+    scores = UnitScores.from_scores(layout, per_set["safety"], per_set["utility"], label_settings)
+    return scores, info
+
+
+@dataclass
+class InputStatistics:
+    """Per-layer input variances of o_proj ``[L, H·d]`` and down_proj ``[L, I]`` on one set,
+    with the weights they multiply."""
+
+    attention_variance: torch.Tensor
+    mlp_variance: torch.Tensor
+    o_weights: List[torch.Tensor]
+    down_weights: List[torch.Tensor]
+    tokens: int
+    samples: int
+
+
+def input_variances(model_dir: str, data_path: str, layout: UnitLayout, settings: ScoreSettings) -> InputStatistics:
+    """Variances of the inputs of every layer's o_proj and down_proj on one calibration set,
+    through the shared calibration engine (:mod:`mergekit_safety.calibration`, streaming layer
+    by layer), and the o_proj/down_proj weights read from the checkpoint."""
+    from mergekit_safety.calibration import SafetensorsSource, collect_statistics, load_examples
+
+    examples = load_examples(data_path, max_samples=settings.max_samples)
+    stats = collect_statistics(
+        model_dir,
+        examples,
+        modules="self_attn.o_proj,mlp.down_proj",
+        token_scope="response" if settings.response_only else "all",
+        batch_size=settings.batch_size,
+        max_length=settings.max_length,
+        description=f"ssah statistics ({os.path.basename(data_path)})",
+    )
+    source = SafetensorsSource(model_dir)
+    attention, mlp, o_weights, down_weights, tokens = [], [], [], [], 0
+    for layer in range(layout.num_layers):
+        for module, variances, weights in (
+            ("self_attn.o_proj", attention, o_weights),
+            ("mlp.down_proj", mlp, down_weights),
+        ):
+            name = next((n for n in stats if n.endswith(f"layers.{layer}.{module}.weight")), None)
+            if name is None:
+                raise UnitError(f"{model_dir}: no statistics for layer {layer}'s {module} (not a Llama-style decoder?)")
+            variances.append(stats[name].variance)
+            weights.append(source.get(name))
+            tokens = stats[name].count
+    if not tokens:
+        raise UnitError(f"{data_path}: no {'response ' if settings.response_only else ''}tokens to score units on")
+    return InputStatistics(
+        torch.stack(attention), torch.stack(mlp), o_weights, down_weights, int(tokens), len(examples)
+    )
+
+
+# --------------------------------------------------------------------------- the method
+
+
+class SSAHMethod(LocatingMaskedFusion):
+    """θ_A + (1 − M_protect) ⊙ Merge(τ_1 … τ_n): safety-critical units of θ_A kept intact."""
+
+    name = METHOD_NAME
+    pretty_name = "SSAH safety-critical unit protection"
+    reference_url = "https://arxiv.org/abs/2410.10862"
+    summary = (
+        "Scores heads and neurons of the aligned model on safety vs utility data (FLAP-style), "
+        "labels ESU/EUU/CU/RU and keeps the safety-critical units' rows/columns at θ_A while "
+        "fusing the task vectors with any backbone."
+    )
+
+    locate_parameters = (
+        "safety_data", "utility_data", "max_samples", "max_length", "batch_size",
+        "response_only", "esu_share", "euu_share", "ru_share",
+    )
+    data_parameters = ("safety_data", "utility_data")
+    binds_experts = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._units: Dict[tuple, Tuple[Any, UnitScores, UnitSet]] = {}
+        self._units_lock = threading.Lock()
+
+    def extra_parameters(self):
+        return (
+            _parameter("safety_data", str, "", "JSONL of harmful prompts + refusals (prompt, response)"),
+            _parameter("utility_data", str, "", "JSONL of benign prompts + answers (prompt, response)"),
+            _parameter("max_samples", int, 128, "calibration samples per set"),
+            _parameter("max_length", int, 256, "tokens per calibration sample"),
+            _parameter("batch_size", int, 8, "calibration batch size"),
+            _parameter("response_only", bool, True, "statistics over response tokens only"),
+            _parameter("esu_share", UnitInterval, 0.01, "top share of Diff labelled ESU"),
+            _parameter("euu_share", UnitInterval, 0.10, "bottom share of Diff labelled EUU"),
+            _parameter("ru_share", UnitInterval, 0.10, "bottom share of Sum labelled RU"),
+            _parameter("protect_share", UnitInterval, 0.075, "share of all units protected (ESU first, then CU by safety score)"),
+            _parameter("control", Literal[CONTROLS], "none", "'random': protect a seeded random set of equal size instead"),
+            _parameter("control_seed", int, 0, "seed of the random control"),
+            _parameter("kv_policy", Literal[KV_POLICIES], "any", "GQA: protect a K/V head when any/all/none of its query heads is protected"),
+        )
+
+    def compute_artifact(self, request):
+        parameters = request.parameters
+        settings = ScoreSettings(**{k: parameters[k] for k in ScoreSettings.model_fields})
+        labels = LabelSettings(**{k: parameters[k] for k in LabelSettings.model_fields})
+        scores, info = score_model(request.model_path(request.base), settings, labels)
+        logger.info("ssah: label shares %s", scores.label_shares())
+        return scores.tensors(), {**scores.metadata(), **info}
+
+    def protected_units(self, artifact, parameters: Dict[str, Any]) -> Tuple[UnitScores, UnitSet]:
+        settings = ProtectSettings(**{k: parameters[k] for k in ProtectSettings.model_fields})
+        key = (artifact.path, id(artifact), settings)
+        with self._units_lock:
+            cached = self._units.get(key)
+        if cached is None:
+            scores = UnitScores.from_artifact(artifact)
+            units = scores.protected(settings)
+            cached = (artifact, scores, units)  # holding the artifact keeps id() unique
+            with self._units_lock:
+                self._units[key] = cached
+            logger.info(
+                "ssah: protecting %d heads + %d neurons (%.2f%% of units, %.2f%% of unit weights)%s",
+                int(units.heads.sum()), int(units.neurons.sum()),
+                100 * units.count() / scores.layout.total_units,
+                100 * unit_parameter_count(units, scores.layout, settings.kv_policy)
+                / layout_parameter_count(scores.layout),
+                " [random control]" if settings.control == "random" else "",
+            )
+        return cached[1], cached[2]
+
+    def masks_from_artifact(self, artifact, group, parameters: Dict[str, Any]) -> TensorMasks:
+        scores, units = self.protected_units(artifact, parameters)
+        name = group.metadata.name
+        base = group.base.tensor
+        try:
+            protect = unit_mask(name, base.shape, units, scores.layout, parameters["kv_policy"])
+        except UnitError as error:
+            raise ArtifactError(f"{artifact.path}: {error}") from None
+        if protect is None:
+            return TensorMasks()
+        return TensorMasks(post_keep=(~protect).to(device=base.device, dtype=base.dtype))
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+def inspect_artifact(
+    path: str,
+    png: Optional[str] = None,
+    settings: ProtectSettings = ProtectSettings(),
+) -> str:
+    """A per-layer report of an SSAH artifact (label shares of heads and neurons, protected
+    counts); with ``png``, also a heat map of where safety lives (layer × unit type)."""
+    scores = load_unit_scores(path)
+    layout = scores.layout
+    protected = scores.protected(settings)
+    lines = [
+        f"SSAH artifact {path}",
+        f"layout: {layout.num_layers} layers, {layout.num_heads} heads "
+        f"({layout.num_kv_heads} K/V heads), {layout.intermediate_size} neurons per layer; "
+        f"{layout.total_units} units",
+        "labels overall: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in scores.label_shares().items()),
+        f"protected (share {settings.protect_share}, control {settings.control}, kv_policy "
+        f"{settings.kv_policy}): {protected.count()} units = {int(protected.heads.sum())} heads + "
+        f"{int(protected.neurons.sum())} neurons; "
+        f"{100 * unit_parameter_count(protected, layout, settings.kv_policy) / layout_parameter_count(layout):.2f}% "
+        "of unit weights",
+        "",
+        f"{'layer':>5} {'type':<7} " + " ".join(f"{n:>6}" for n in LABEL_NAMES.values())
+        + f" {'protect':>8} {'safety z':>9}",
+    ]
+    for layer in range(layout.num_layers):
+        for kind, labels, chosen, safety in (
+            ("heads", scores.label_heads[layer], protected.heads[layer], scores.safety_heads[layer]),
+            ("neurons", scores.label_neurons[layer], protected.neurons[layer], scores.safety_neurons[layer]),
+        ):
+            shares = " ".join(
+                f"{100 * float((labels == code).float().mean()):5.1f}%" for code in LABEL_NAMES
+            )
+            lines.append(
+                f"{layer:>5} {kind:<7} {shares} {100 * float(chosen.float().mean()):7.1f}% "
+                f"{float(safety.float().mean()):9.3f}"
+            )
+    if png:
+        write_heatmap(scores, protected, png)
+        lines.append("")
+        lines.append(f"heat map written to {png}")
+    return "\n".join(lines)
+
+
+def write_heatmap(scores: UnitScores, protected: UnitSet, png: str) -> None:
+    """PNG. Top row, per layer × unit type: ESU share, protected share, RU share (the
+    alignment budget). Bottom row: Diff = z_safety − z_utility of every head and every neuron
+    (layer × unit index), protected units outlined / dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    layout = scores.layout
+    kinds = ["attention heads", "MLP neurons"]
+
+    def share(label: int) -> torch.Tensor:
+        return 100 * torch.stack([
+            (scores.label_heads == label).float().mean(dim=1), (scores.label_neurons == label).float().mean(dim=1)
+        ], dim=1)
+
+    prot = 100 * torch.stack([protected.heads.float().mean(dim=1), protected.neurons.float().mean(dim=1)], dim=1)
+    panels = [("ESU share (%)", share(ESU)), ("protected share (%)", prot), ("RU share (%, alignment budget)", share(RU))]
+    height = max(2.2, 0.3 * layout.num_layers + 1.4)
+    figure = plt.figure(figsize=(13, 2 * height + 0.8))
+    grid = figure.add_gridspec(2, 6)
+    for position, (title, values) in enumerate(panels):
+        axis = figure.add_subplot(grid[0, 2 * position:2 * position + 2])
+        data = values.numpy()
+        image = axis.imshow(data, aspect="auto", cmap="Reds", origin="lower", vmin=0)
+        axis.set_xticks(range(len(kinds)))
+        axis.set_xticklabels(kinds)
+        axis.set_yticks(range(layout.num_layers))
+        axis.set_ylabel("layer")
+        axis.set_title(title, fontsize=10)
+        top = float(data.max()) or 1.0
+        if layout.num_layers <= 40:
+            for row in range(data.shape[0]):
+                for col in range(data.shape[1]):
+                    axis.text(col, row, f"{data[row, col]:.1f}", ha="center", va="center", fontsize=8,
+                              color="white" if data[row, col] > 0.6 * top else "black")
+        figure.colorbar(image, ax=axis, fraction=0.046)
+    for position, (title, diff, chosen) in enumerate((
+        ("heads: Diff (protected marked)", scores.safety_heads - scores.utility_heads, protected.heads),
+        ("neurons: Diff (protected marked)", scores.safety_neurons - scores.utility_neurons, protected.neurons),
+    )):
+        axis = figure.add_subplot(grid[1, :2] if position == 0 else grid[1, 2:])
+        data = diff.float().numpy()
+        bound = float(max(abs(data.min()), abs(data.max()), 1e-6))
+        image = axis.imshow(data, aspect="auto", cmap="coolwarm", origin="lower", vmin=-bound, vmax=bound,
+                            interpolation="nearest")
+        rows, cols = chosen.nonzero(as_tuple=True)
+        axis.scatter(cols.numpy(), rows.numpy(), s=12 if position else 60, facecolors="none", edgecolors="black",
+                     linewidths=0.8)
+        axis.set_xlabel("head" if position == 0 else "neuron")
+        axis.set_ylabel("layer")
+        axis.set_yticks(range(layout.num_layers))
+        axis.set_title(title, fontsize=10)
+        figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.suptitle("SSAH: where safety lives (layer × unit type)")
+    figure.tight_layout()
+    folder = os.path.dirname(os.path.abspath(png))
+    os.makedirs(folder, exist_ok=True)
+    figure.savefig(png, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,608 @@
+"""SOMF mask learning: the functionally fused model, the DPO objective and the training loop.
+
+The fused model is one ``transformers`` model instance whose own weights are the **unmasked**
+fusion θ_A + Merge(τ_1, …, τ_n) (built tensor by tensor with :func:`mergekit_safety.core.fuse`,
+the merge's own arithmetic). For the *masked* tensors, every step computes
+
+    θ[k] = core.fuse(θ_A[k], [θ_1[k], …, θ_n[k]], masks=TensorMasks(keep=[m[k]]*n, keep_rescale))
+
+from a reparameterised Concrete sample ``m[k] = σ((s[k] + log u − log(1 − u)) / T)`` of the
+logits ``s[k]`` and runs the model with :func:`torch.func.functional_call` over those tensors.
+Only the logits require gradients, so gradients reach only them; and because training and
+merging call the same ``fuse``, a frozen mask gives exactly the merged model.
+
+Backbones with a selection step:
+
+* TIES: the top-k magnitude selection runs on the **masked** (and rescaled) task vector — as at
+  merge time, where ``fuse`` applies the mask before sparsifying. The selected indices are
+  piecewise constant in the mask (no gradient flows through the choice, and no straight-through
+  estimator is used); gradients flow through the values of the selected entries and through
+  the sign election's weighted sum. The same holds for the sign election.
+* DARE: the random drop is drawn per tensor from a fixed seed (``seed``, else ``train_seed``)
+  with the merge kernel's per-tensor seeding, so training sees exactly the drop the merge uses.
+
+Reference model of DPO: the unmasked fusion (the natural "before the mask" policy; the authors'
+code used a randomly masked copy). Its log-probabilities are computed once, before training.
+
+Memory: only the masked tensors are held per expert (θ_A and each θ_i, plus the logits and
+AdamW's two moments); every other tensor exists once, fused. With ``offload_folder`` the
+unmasked fusion is written there as a checkpoint and loaded with an accelerate device map that
+keeps only the modules holding masked tensors on the device and streams the rest from disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import time
+import zlib
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from mergekit_safety.core import TensorMasks, fuse
+
+logger = logging.getLogger(__name__)
+
+#: presets of the ``modules`` parameter (anything else is a regular expression on tensor names)
+MODULE_PRESETS = ("attention", "mlp", "linear", "all")
+
+_ATTENTION = re.compile(r"(self_attn|attention|attn)\.")
+_MLP = re.compile(r"(mlp|feed_forward|ffn)\.")
+
+
+class SOMFTrainingError(ValueError):
+    """Mask learning cannot run (models, data or settings); the message says which."""
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class Checkpoint:
+    """Lazy, read-only access to the tensors of a model directory of safetensors files."""
+
+    def __init__(self, directory: str):
+        from safetensors import safe_open
+
+        self.directory = directory
+        index = os.path.join(directory, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index, "r", encoding="utf-8") as handle:
+                weight_map = json.load(handle)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+            weight_map = None
+        if not files:
+            raise SOMFTrainingError(f"{directory}: no .safetensors weights (SOMF reads safetensors only)")
+        self._handles = {f: safe_open(os.path.join(directory, f), framework="pt", device="cpu") for f in files}
+        if weight_map is None:
+            weight_map = {k: f for f, h in self._handles.items() for k in h.keys()}
+        self.weight_map: Dict[str, str] = dict(weight_map)
+        self.files = files
+
+    def names(self) -> List[str]:
+        return sorted(self.weight_map)
+
+    def names_in(self, file: str) -> List[str]:
+        return sorted(n for n, f in self.weight_map.items() if f == file)
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._handles[self.weight_map[name]].get_tensor(name)
+        except KeyError:
+            raise SOMFTrainingError(f"{self.directory}: has no tensor {name!r}") from None
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self._handles[self.weight_map[name]].get_slice(name).get_shape())
+
+
+# --------------------------------------------------------------------------- masked tensors
+
+
+def linear_weight_names(model) -> set:
+    return {
+        f"{module_name}.weight" if module_name else "weight"
+        for module_name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def select_masked(names: Iterable[str], spec: str, linear_names: set, shapes: Dict[str, tuple]) -> List[str]:
+    """Tensor names selected by the ``modules`` parameter (comma-separated presets or regexes).
+
+    ``attention`` / ``mlp``: 2-D weights inside attention / MLP blocks; ``linear``: weights of
+    every ``nn.Linear`` (including ``lm_head``); ``all``: every floating tensor; anything else
+    is a regular expression searched in the tensor name (e.g. ``q_proj|v_proj``).
+    """
+    tokens = [t.strip() for t in spec.split(",") if t.strip()]
+    if not tokens:
+        raise SOMFTrainingError("somf: `modules` selects nothing (give presets or regexes)")
+    chosen = set()
+    for token in tokens:
+        if token == "all":
+            hits = set(names)
+        elif token == "linear":
+            hits = {n for n in names if n in linear_names}
+        elif token == "attention":
+            hits = {n for n in names if _ATTENTION.search(n) and n.endswith(".weight") and len(shapes[n]) == 2}
+        elif token == "mlp":
+            hits = {n for n in names if _MLP.search(n) and n.endswith(".weight") and len(shapes[n]) == 2}
+        else:
+            try:
+                pattern = re.compile(token)
+            except re.error as error:
+                raise SOMFTrainingError(f"somf: `modules` entry {token!r} is neither a preset {MODULE_PRESETS} nor a valid regex ({error})") from None
+            hits = {n for n in names if pattern.search(n)}
+        if not hits:
+            raise SOMFTrainingError(f"somf: `modules` entry {token!r} matches no tensor of the model")
+        chosen |= hits
+    return sorted(chosen)
+
+
+# --------------------------------------------------------------------------- fusion
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """The merge kernel's per-tensor seed (core.MaskedFusion.merge_group)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+@contextlib.contextmanager
+def _seeded(seed: Optional[int], name: str):
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tensor_seed(seed, name))
+        yield
+
+
+def concrete_sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """Reparameterised RelaxedBernoulli(temperature, logits) sample (Gumbel-sigmoid)."""
+    uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float32).to(logits.device)
+    uniform = uniform.clamp(1e-6, 1 - 1e-6)
+    noise = torch.log(uniform) - torch.log1p(-uniform)
+    return torch.sigmoid((logits + noise) / temperature)
+
+
+class FunctionalFusion:
+    """The fused model as a function of the mask logits (see the module docstring)."""
+
+    def __init__(self, base_path: str, expert_paths: Sequence[str], settings, progress: bool = True):
+        from tqdm.auto import tqdm
+
+        self.settings = settings
+        self.device = torch.device(settings.device)
+        self.dtype = getattr(torch, settings.dtype)
+        if len(settings.weights) != len(expert_paths):
+            raise SOMFTrainingError("somf: one weight per expert is required")
+        self.fuse_kwargs = dict(
+            backbone=settings.backbone,
+            weights=list(settings.weights),
+            densities=list(settings.densities),
+            lambda_=settings.lambda_,
+            normalize=settings.normalize,
+            rescale=settings.rescale,
+        )
+        self.seed = settings.dare_seed
+        base = Checkpoint(base_path)
+        experts = [Checkpoint(p) for p in expert_paths]
+        for path, checkpoint in zip(expert_paths, experts):
+            missing = set(base.weight_map) - set(checkpoint.weight_map)
+            if missing:
+                raise SOMFTrainingError(f"{path}: lacks tensors of the base model, e.g. {sorted(missing)[:3]}")
+
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(base_path)
+        with _meta_device():
+            skeleton = AutoModelForCausalLM.from_config(config)
+        linear_names = linear_weight_names(skeleton)
+        known = set(skeleton.state_dict().keys())
+        floating = [n for n in base.names() if torch.empty((), dtype=_dtype_of(base, n)).is_floating_point()]
+        unknown = [n for n in floating if n not in known]
+        if unknown:
+            raise SOMFTrainingError(
+                f"{base_path}: checkpoint tensors {unknown[:3]} are not parameters of the "
+                f"{type(skeleton).__name__} model (renamed weights are not supported by SOMF training)"
+            )
+        shapes = {n: base.shape(n) for n in floating}
+        selected = select_masked(floating, settings.modules, linear_names, shapes)
+
+        # Masked tensors: θ_A and every θ_i kept (on the training device); task vectors that are
+        # zero for every expert (outside a LoRA's targets) are not masked: nothing to select.
+        self.base: Dict[str, torch.Tensor] = {}
+        self.experts: Dict[str, List[torch.Tensor]] = {}
+        skipped = []
+        for name in tqdm(selected, desc="somf: load masked tensors", disable=not progress, leave=False):
+            b = base.get(name).to(self.device, self.dtype)
+            ex = [c.get(name).to(self.device, self.dtype) for c in experts]
+            if all(torch.equal(e, b) for e in ex):
+                skipped.append(name)
+                continue
+            self.base[name] = b
+            self.experts[name] = ex
+        if not self.base:
+            raise SOMFTrainingError(
+                f"somf: `modules: {settings.modules}` selects only tensors the experts do not change; nothing to mask"
+            )
+        if skipped:
+            logger.info("somf: %d selected tensors have a zero task vector for every expert: not masked", len(skipped))
+        self.names = sorted(self.base)
+        self.skipped = skipped
+
+        self.model = self._load_unmasked(base_path, base, experts, config, progress)
+        self.model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.logits: Dict[str, torch.Tensor] = {
+            name: torch.full(self.base[name].shape, float(settings.init), dtype=torch.float32, device=self.device, requires_grad=True)
+            for name in self.names
+        }
+
+    # ---- building the unmasked fusion
+
+    def _fused_plain(self, name: str, base: torch.Tensor, experts: List[torch.Tensor]) -> torch.Tensor:
+        if not base.is_floating_point():
+            return base
+        with _seeded(self.seed, name):
+            return fuse(base, experts, **self.fuse_kwargs)
+
+    def _load_unmasked(self, base_path, base: "Checkpoint", experts, config, progress):
+        from tqdm.auto import tqdm
+        from transformers import AutoModelForCausalLM
+
+        names = base.names()
+        if self.settings.offload_folder:
+            return self._load_offloaded(base_path, base, experts, progress)
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=self.dtype)
+        model.to(self.device)
+        state = model.state_dict()
+        with torch.no_grad():
+            for name in tqdm(names, desc="somf: unmasked fusion", disable=not progress, leave=False):
+                b = base.get(name).to(self.device, self.dtype)
+                fused = self._fused_plain(name, b, [c.get(name).to(self.device, self.dtype) for c in experts])
+                if name in state:
+                    state[name].copy_(fused)
+        return model
+
+    def _load_offloaded(self, base_path, base: "Checkpoint", experts, progress):
+        """Write the unmasked fusion as a checkpoint, load it with only the masked modules on
+        the device and everything else offloaded to disk (accelerate)."""
+        import shutil
+
+        from safetensors.torch import save_file
+        from tqdm.auto import tqdm
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        folder = os.path.abspath(self.settings.offload_folder)
+        fused_dir = os.path.join(folder, "unmasked-fusion")
+        os.makedirs(fused_dir, exist_ok=True)
+        for item in os.listdir(base_path):
+            if item.endswith(".json") and not item.startswith("model.safetensors"):
+                shutil.copy(os.path.join(base_path, item), os.path.join(fused_dir, item))
+        weight_map = {}
+        for file in tqdm(base.files, desc="somf: write unmasked fusion", disable=not progress, leave=False):
+            tensors = {}
+            for name in base.names_in(file):
+                b = base.get(name).to(self.dtype) if base.get(name).is_floating_point() else base.get(name)
+                tensors[name] = self._fused_plain(name, b, [c.get(name).to(b.dtype) for c in experts]).contiguous()
+                weight_map[name] = file
+            save_file(tensors, os.path.join(fused_dir, file), metadata={"format": "pt"})
+            del tensors
+        if len(base.files) > 1:
+            with open(os.path.join(fused_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as handle:
+                json.dump({"metadata": {}, "weight_map": weight_map}, handle)
+        config = AutoConfig.from_pretrained(fused_dir)
+        with _meta_device():
+            skeleton = AutoModelForCausalLM.from_config(config)
+        device_map = masked_device_map(skeleton, self.names, str(self.device))
+        model = AutoModelForCausalLM.from_pretrained(
+            fused_dir, dtype=self.dtype, device_map=device_map, offload_folder=os.path.join(folder, "offload")
+        )
+        for name in self.names:
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            hook = getattr(module, "_hf_hook", None)
+            if hook is not None and getattr(hook, "offload", False):
+                raise SOMFTrainingError(f"somf: masked tensor {name} was offloaded; masked modules must stay on {self.device}")
+        return model
+
+    # ---- the function of the mask
+
+    def fused_tensor(self, name: str, mask: torch.Tensor) -> torch.Tensor:
+        masks = TensorMasks(keep=[mask] * len(self.experts[name]), keep_rescale=self.settings.keep_rescale)
+        with _seeded(self.seed, name):
+            return fuse(self.base[name], self.experts[name], masks=masks, **self.fuse_kwargs)
+
+    def parameters_for(self, masks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {name: self.fused_tensor(name, masks[name]) for name in self.names}
+
+    def sample_masks(self, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+        return {name: concrete_sample(self.logits[name], self.settings.temperature, generator) for name in self.names}
+
+    def fixed_masks(self, mode: str = "binary") -> Dict[str, torch.Tensor]:
+        from mergekit_safety.methods.somf import mask_from_logits
+
+        return {name: mask_from_logits(self.logits[name].detach(), mode).to(self.device) for name in self.names}
+
+    def forward(self, params: Optional[Dict[str, torch.Tensor]], input_ids, attention_mask) -> torch.Tensor:
+        """Logits of the fused model (``params`` None: the unmasked fusion itself)."""
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        if params is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return torch.func.functional_call(
+            self.model, params, args=(), kwargs={"input_ids": input_ids, "attention_mask": attention_mask}, strict=False
+        ).logits
+
+    def masked_elements(self) -> int:
+        return sum(t.numel() for t in self.base.values())
+
+
+class _meta_device(contextlib.ContextDecorator):
+    def __enter__(self):
+        self._context = torch.device("meta")
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._context.__exit__(*exc)
+
+
+def _dtype_of(checkpoint: Checkpoint, name: str) -> torch.dtype:
+    dtype = checkpoint._handles[checkpoint.weight_map[name]].get_slice(name).get_dtype()
+    table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    return table.get(dtype, torch.int64)
+
+
+def masked_device_map(skeleton, masked_names: Sequence[str], device: str) -> Dict[str, str]:
+    """Leaf modules holding a masked tensor (and buffer-only modules) on ``device``; every other
+    module with parameters on "disk"."""
+    masked_modules = {n.rsplit(".", 1)[0] for n in masked_names}
+    device_map = {}
+    for name, module in skeleton.named_modules():
+        if not name:
+            continue
+        own_params = list(module.named_parameters(recurse=False))
+        own_buffers = list(module.named_buffers(recurse=False))
+        if not own_params and not own_buffers:
+            continue
+        device_map[name] = device if (name in masked_modules or not own_params) else "disk"
+    return device_map
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_tokenizer(base_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base_path)
+    except Exception as error:  # transformers raises many types here
+        raise SOMFTrainingError(f"{base_path}: no usable tokenizer for the SOMF data ({error})") from error
+
+
+def _pad_id(tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def encode_pairs(path: str, tokenizer, max_length: int):
+    """(ids [2N, T], attention [2N, T], response [2N, T]): N chosen rows then N rejected rows."""
+    from mergekit_safety.data import collate, encode_example, read_jsonl
+
+    records = read_jsonl(path, ("prompt", "chosen", "rejected"))
+    encoded = [encode_example(tokenizer, r["prompt"], r["chosen"], max_length) for r in records]
+    encoded += [encode_example(tokenizer, r["prompt"], r["rejected"], max_length) for r in records]
+    batch = collate(encoded, _pad_id(tokenizer))
+    return batch["input_ids"], batch["attention_mask"], batch["response_mask"], len(records)
+
+
+def encode_utility(path: str, tokenizer, max_length: int):
+    from mergekit_safety.data import collate, encode_example, read_jsonl
+
+    records = read_jsonl(path, ("prompt", "response"))
+    encoded = [encode_example(tokenizer, r["prompt"], r["response"], max_length) for r in records]
+    batch = collate(encoded, _pad_id(tokenizer))
+    return batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+
+
+def _trim(ids, att, resp):
+    t = int(att.sum(1).max())
+    return ids[:, :t], att[:, :t], resp[:, :t]
+
+
+def sequence_logps(logits: torch.Tensor, ids: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
+    """Σ log p(token) over response tokens, per sequence (teacher forcing, right padding)."""
+    logits = logits[:, :-1].float()
+    target = ids[:, 1:].to(logits.device)
+    mask = resp[:, 1:].to(logits.device).float()
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+    """Sigmoid DPO loss; returns (mean loss, reward accuracy)."""
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    loss = -torch.nn.functional.logsigmoid(beta * margin)
+    return loss.mean(), (margin > 0).float().mean()
+
+
+# --------------------------------------------------------------------------- training
+
+
+@contextlib.contextmanager
+def _cpu_threads(count: int):
+    if not count:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def train_mask(base_path: str, expert_paths: Sequence[str], settings, progress: bool = True):
+    """Learn the SOMF mask logits. Returns ({tensor name: logits}, metadata dict)."""
+    with _cpu_threads(settings.threads):
+        return _train_mask(base_path, expert_paths, settings, progress)
+
+
+def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress: bool):
+    from tqdm.auto import tqdm
+
+    started = time.time()
+    torch.manual_seed(settings.train_seed)
+    generator = torch.Generator().manual_seed(settings.train_seed)
+    tokenizer = load_tokenizer(base_path)
+    ids, att, resp, n_pairs = encode_pairs(settings.preference_data, tokenizer, settings.max_length)
+    utility = None
+    if settings.utility_weight > 0 and settings.utility_data:
+        utility = encode_utility(settings.utility_data, tokenizer, settings.max_length)
+    elif not settings.utility_data:
+        logger.warning(
+            "somf: no utility_data: the mask is learned from DPO alone, which on the lab keeps "
+            "refusals but destroys the experts' skills (docs/somf.md); give utility_data"
+        )
+
+    fusion = FunctionalFusion(base_path, expert_paths, settings, progress=progress)
+    batch = min(settings.batch_size, n_pairs)
+
+    # Reference: the unmasked fusion, computed once.
+    with torch.no_grad():
+        ref = []
+        for start in range(0, 2 * n_pairs, batch):
+            b_ids, b_att, b_resp = _trim(ids[start:start + batch], att[start:start + batch], resp[start:start + batch])
+            ref.append(sequence_logps(fusion.forward(None, b_ids, b_att), b_ids, b_resp).cpu())
+        ref = torch.cat(ref)
+    ref_chosen, ref_rejected = ref[:n_pairs], ref[n_pairs:]
+
+    utility_ref = None
+    if utility is not None and settings.utility_loss == "kl":
+        u_ids, u_att, u_resp = utility
+        size = u_ids.shape[0] * u_ids.shape[1] * fusion.model.config.vocab_size * 4
+        if size <= 512 * 2**20:
+            with torch.no_grad():
+                utility_ref = torch.cat([
+                    torch.log_softmax(fusion.forward(None, u_ids[s:s + batch], u_att[s:s + batch]).float(), -1).cpu()
+                    for s in range(0, u_ids.shape[0], batch)
+                ])
+
+    parameters = list(fusion.logits.values())
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, settings.steps) / settings.steps))
+    )
+    total_elements = fusion.masked_elements()
+    history: List[Dict[str, float]] = []
+    order = torch.randperm(n_pairs, generator=generator)
+    u_order = torch.randperm(utility[0].shape[0], generator=generator) if utility is not None else None
+    position = u_position = 0
+    bar = tqdm(range(settings.steps), desc="somf: learn mask", disable=not progress, mininterval=0.5)
+    for step in bar:
+        if position + batch > n_pairs:
+            order, position = torch.randperm(n_pairs, generator=generator), 0
+        index = order[position:position + batch]
+        position += batch
+        rows = torch.cat([index, index + n_pairs])
+        b_ids, b_att, b_resp = _trim(ids[rows], att[rows], resp[rows])
+
+        masks = fusion.sample_masks(generator)
+        params = fusion.parameters_for(masks)
+        logps = sequence_logps(fusion.forward(params, b_ids, b_att), b_ids, b_resp)
+        loss_dpo, accuracy = dpo_loss(logps[:batch], logps[batch:], ref_chosen[index].to(logps.device), ref_rejected[index].to(logps.device), settings.beta)
+        loss = loss_dpo
+        record = {"step": step, "dpo": float(loss_dpo.detach()), "reward_accuracy": float(accuracy)}
+        if utility is not None:
+            u_ids, u_att, u_resp = utility
+            if u_position + batch > u_ids.shape[0]:
+                u_order, u_position = torch.randperm(u_ids.shape[0], generator=generator), 0
+            u_index = u_order[u_position:u_position + batch]
+            u_position += batch
+            ub_ids, ub_att, ub_resp = _trim(u_ids[u_index], u_att[u_index], u_resp[u_index])
+            loss_utility = utility_term(fusion, params, ub_ids, ub_att, ub_resp, settings.utility_loss,
+                                        None if utility_ref is None else utility_ref[u_index][:, : ub_ids.shape[1]])
+            loss = loss + settings.utility_weight * loss_utility
+            record["utility"] = float(loss_utility.detach())
+        if settings.sparsity_weight > 0:
+            density = sum(torch.sigmoid(s).sum() for s in parameters) / total_elements
+            loss = loss + settings.sparsity_weight * density
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        record["loss"] = float(loss.detach())
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", dpo=f"{record['dpo']:.4f}")
+    bar.close()
+
+    logits = {name: value.detach().to("cpu", torch.float32).clone() for name, value in fusion.logits.items()}
+    extra = summarize(fusion, settings, history, logits, started)
+    extra["binary_mask_eval"] = evaluate_fixed(fusion, ids, att, resp, n_pairs, ref_chosen, ref_rejected, settings.beta, batch)
+    return logits, extra
+
+
+def utility_term(fusion, params, ids, att, resp, kind: str, reference: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean per-token KL(unmasked fusion ‖ masked fusion) or CE on the response tokens."""
+    logits = fusion.forward(params, ids, att)[:, :-1].float()
+    mask = resp[:, 1:].to(logits.device).bool()
+    log_policy = torch.log_softmax(logits, -1)[mask]
+    if kind == "ce":
+        target = ids[:, 1:].to(logits.device)[mask]
+        return torch.nn.functional.nll_loss(log_policy, target)
+    if reference is None:
+        with torch.no_grad():
+            reference = torch.log_softmax(fusion.forward(None, ids, att).float(), -1)
+    log_reference = reference[:, :-1].to(logits.device)[mask]
+    return torch.nn.functional.kl_div(log_policy, log_reference, log_target=True, reduction="batchmean")
+
+
+@torch.no_grad()
+def evaluate_fixed(fusion, ids, att, resp, n_pairs, ref_chosen, ref_rejected, beta, batch, mode="binary", limit=256):
+    """DPO loss and reward accuracy of the deterministic (merge-time) mask on ≤ ``limit`` pairs."""
+    params = fusion.parameters_for(fusion.fixed_masks(mode))
+    count = min(n_pairs, limit)
+    losses, accuracies = [], []
+    for start in range(0, count, batch):
+        index = torch.arange(start, min(start + batch, count))
+        rows = torch.cat([index, index + n_pairs])
+        b_ids, b_att, b_resp = _trim(ids[rows], att[rows], resp[rows])
+        logps = sequence_logps(fusion.forward(params, b_ids, b_att), b_ids, b_resp).cpu()
+        k = len(index)
+        loss, accuracy = dpo_loss(logps[:k], logps[k:], ref_chosen[index], ref_rejected[index], beta)
+        losses.append(float(loss) * k)
+        accuracies.append(float(accuracy) * k)
+    return {"pairs": count, "dpo_loss": sum(losses) / count, "reward_accuracy": sum(accuracies) / count}
+
+
+def summarize(fusion, settings, history, logits, started) -> Dict[str, Any]:
+    total = sum(v.numel() for v in logits.values())
+    kept = sum(int((v > 0).sum()) for v in logits.values())
+    expected = sum(float(torch.sigmoid(v).sum()) for v in logits.values())
+    tail = history[-min(10, len(history)):]
+    checkpoints = sorted({0, len(history) - 1, *range(0, len(history), max(1, len(history) // 10))})
+    return {
+        "final_loss": sum(r["loss"] for r in tail) / len(tail),
+        "final_dpo_loss": sum(r["dpo"] for r in tail) / len(tail),
+        "final_utility_loss": (sum(r["utility"] for r in tail) / len(tail)) if "utility" in tail[0] else None,
+        "mask_density_binary": kept / total,
+        "mask_density_expected": expected / total,
+        "masked_tensors": len(logits),
+        "masked_elements": total,
+        "unmasked_selected_tensors": list(fusion.skipped),
+        "history": [{k: round(v, 5) if isinstance(v, float) else v for k, v in history[i].items()} for i in checkpoints],
+        "training_seconds": round(time.time() - started, 2),
+        "device": settings.device,
+        "dtype": settings.dtype,
+    }

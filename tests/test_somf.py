@@ -1,0 +1,338 @@
+"""SOMF: learned mask logits, the functional fused model, the merge method and its controls."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from tiny_models import build_family, load_state, merge_yaml, run_yaml
+
+from mergekit_safety.artifacts import ArtifactError, open_artifact, tensor_key, write_artifact
+from mergekit_safety.locate import locate_config, request_from_config
+from mergekit_safety.methods.somf import SOMF, SOMFSettings, mask_from_logits, random_control_mask
+from mergekit_safety.somf_training import (
+    FunctionalFusion,
+    SOMFTrainingError,
+    concrete_sample,
+    train_mask,
+)
+
+EXPERTS = ["expert0", "expert1"]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    from mergekit_safety.lab.language import build_tokenizer, vocabulary
+
+    paths = build_family(
+        str(tmp_path_factory.mktemp("somf_family")), experts=2, scale=0.3, vocab_size=len(vocabulary())
+    )
+    tokenizer = build_tokenizer()
+    for path in paths.values():
+        tokenizer.save_pretrained(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from mergekit_safety.lab.language import EXPERT_SKILLS, REFUSAL, answer, make_prompt, sample_words
+
+    folder = tmp_path_factory.mktemp("somf_data")
+    rng = random.Random(0)
+    pairs, utility = [], []
+    for _ in range(24):
+        skill, words = rng.choice(EXPERT_SKILLS), sample_words(rng, True)
+        pairs.append({"prompt": make_prompt(skill, words), "chosen": REFUSAL, "rejected": answer(skill, words)})
+        skill, words = rng.choice(EXPERT_SKILLS), sample_words(rng, False)
+        utility.append({"prompt": make_prompt(skill, words), "response": answer(skill, words)})
+    for name, records in (("pairs.jsonl", pairs), ("utility.jsonl", utility)):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"pairs": str(folder / "pairs.jsonl"), "utility": str(folder / "utility.jsonl")}
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEKIT_SAFETY_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one CPU thread is many times faster than two on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def somf_yaml(family, data, extra="", density=""):
+    parameters = f"  preference_data: {data['pairs']}\n  steps: 4\n  batch_size: 8\n" + extra
+    return merge_yaml("somf", family, EXPERTS, parameters, density)
+
+
+def settings_for(family, data, **overrides):
+    values = dict(preference_data=data["pairs"], steps=4, batch_size=8, weights=(0.5, 0.75), densities=(1.0, 1.0))
+    values.update(overrides)
+    return SOMFSettings(**values)
+
+
+def experts_of(family):
+    return [family[n] for n in EXPERTS]
+
+
+# --------------------------------------------------------------------------- train = merge
+
+
+@pytest.mark.parametrize(
+    "backbone, density, mode",
+    [
+        ("task_arithmetic", "", "binary"),
+        ("task_arithmetic", "", "expected"),
+        ("ties", "\n      density: 0.5", "binary"),
+        ("dare_linear", "\n      density: 0.6", "binary"),
+    ],
+)
+def test_frozen_logits_functional_model_equals_merge(family, data, tmp_path, backbone, density, mode):
+    """The model training optimises, with the merge-time mask, IS the merged model."""
+    mask = tmp_path / "somf.safetensors"
+    extra = f"  backbone: {backbone}\n  lambda: 0.9\n  mask: {mask}\n  mask_mode: {mode}\n  modules: attention,mlp\n"
+    text = somf_yaml(family, data, extra, density)
+    (tmp_path / "c.yml").write_text(text)
+    locate_config(str(tmp_path / "c.yml"))
+    merged = run_yaml(text, str(tmp_path / "out"))
+
+    method, request = request_from_config(str(tmp_path / "c.yml"))
+    fusion = FunctionalFusion(family["base"], experts_of(family), SOMFSettings.from_request(request), progress=False)
+    artifact = open_artifact(str(mask))
+    with torch.no_grad():
+        for name in fusion.names:
+            fusion.logits[name].copy_(artifact.get(tensor_key("logits", name)))
+    params = fusion.parameters_for(fusion.fixed_masks(mode))
+    density_binary = sum(int((fusion.logits[n] > 0).sum()) for n in fusion.names) / fusion.masked_elements()
+    assert 0.05 < density_binary < 0.95  # a real, non-trivial mask is being compared
+    for name, value in params.items():
+        assert torch.equal(value.detach(), merged[name]), name
+    own = fusion.model.state_dict()
+    for name in merged:  # unmasked tensors (embeddings, norms, lm_head) = the plain backbone
+        if name not in params:
+            assert torch.equal(own[name], merged[name]), name
+    # and the logits of the two models agree
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 4, 7, 20, 21, 22, 5]])
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    with torch.no_grad():
+        ours = fusion.forward(params, ids, torch.ones_like(ids))
+        theirs = reference(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_gradients_reach_only_the_logits(family, data):
+    settings = settings_for(family, data, modules="attention")
+    fusion = FunctionalFusion(family["base"], experts_of(family), settings, progress=False)
+    generator = torch.Generator().manual_seed(0)
+    params = fusion.parameters_for(fusion.sample_masks(generator))
+    ids = torch.tensor([[1, 4, 7, 20, 21, 22, 5], [1, 4, 8, 23, 24, 25, 5]])
+    fusion.forward(params, ids, torch.ones_like(ids)).logsumexp(-1).mean().backward()
+    assert all(p.grad is None and not p.requires_grad for p in fusion.model.parameters())
+    assert all(not t.requires_grad for t in fusion.base.values())
+    assert all(not t.requires_grad for ts in fusion.experts.values() for t in ts)
+    for name, logits in fusion.logits.items():
+        assert logits.grad is not None and logits.grad.abs().sum() > 0, name
+    assert set(fusion.names) == {n for n in load_state(family["base"]) if "self_attn" in n}
+
+
+def test_concrete_sample_is_a_relaxed_bernoulli():
+    logits = torch.full((200_000,), 1.0, requires_grad=True)
+    sample = concrete_sample(logits, 0.5, torch.Generator().manual_seed(0))
+    sample_values = sample.detach()
+    assert 0.0 <= float(sample_values.min()) and float(sample_values.max()) <= 1.0
+    # P(m > 1/2) = σ(s) for RelaxedBernoulli(T, s)
+    assert abs(float((sample_values > 0.5).float().mean()) - float(torch.sigmoid(torch.tensor(1.0)))) < 0.01
+    sample.sum().backward()
+    assert logits.grad is not None and float((logits.grad > 0).float().mean()) > 0.99  # reparameterised
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_binary_export_is_deterministic_for_a_seed(family, data, tmp_path):
+    text = somf_yaml(family, data, "  modules: attention\n  utility_data: " + data["utility"] + "\n  utility_weight: 1.0\n")
+    first = run_yaml(text, str(tmp_path / "a"))
+    (cached,) = (tmp_path / "cache" / "artifacts").glob("somf-*.safetensors")
+    cached = open_artifact(str(cached))
+    torch.manual_seed(12345)  # the global RNG state must not matter
+    paths = {}
+    for label, seed in (("again", 0), ("other", 1)):
+        config = tmp_path / f"{label}.yml"
+        config.write_text(text + f"  train_seed: {seed}\n  mask: {tmp_path / label}.safetensors\n")
+        paths[label] = locate_config(str(config))
+    again, other = open_artifact(paths["again"]), open_artifact(paths["other"])
+    names = sorted(cached.keys())
+    assert names == sorted(again.keys()) and len(names) == 8  # q, k, v, o × 2 layers
+    assert all(torch.equal(cached.get(k), again.get(k)) for k in names)  # recomputed: identical
+    assert any(not torch.equal((again.get(k) > 0), (other.get(k) > 0)) for k in names)
+    second = run_yaml(text, str(tmp_path / "b"))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    meta = again.metadata
+    assert meta.extra["masked_tensors"] == 8
+    assert 0 < meta.extra["mask_density_binary"] < 1
+    assert meta.settings["steps"] == 4 and meta.settings["beta"] == 0.1
+    assert meta.settings["experts"] == [{"weight": 0.5, "density": 1.0}, {"weight": 0.75, "density": 1.0}]
+    assert len(meta.extra["history"]) >= 2 and meta.extra["final_utility_loss"] is not None
+
+
+def test_mask_modes_and_random_control():
+    logits = torch.tensor([[-2.0, 0.5, 3.0], [0.0, -0.1, 1.0]])
+    assert torch.equal(mask_from_logits(logits, "binary"), torch.tensor([[0.0, 1, 1], [0, 0, 1]]))
+    torch.testing.assert_close(mask_from_logits(logits, "expected"), torch.sigmoid(logits))
+    big = (torch.rand(50, 40, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    control = random_control_mask(big, "w", seed=0)
+    assert control.sum() == big.sum() and not torch.equal(control, big)
+    assert torch.equal(control, random_control_mask(big, "w", seed=0))
+    assert not torch.equal(control, random_control_mask(big, "w", seed=1))
+    assert not torch.equal(control, random_control_mask(big, "v", seed=0))
+
+
+def test_random_control_merge_has_the_learned_density(family, data, tmp_path):
+    text = somf_yaml(family, data, "  modules: attention\n  lambda: 1.0\n")
+    learned = run_yaml(text, str(tmp_path / "a"))
+    control = run_yaml(text + "  control: random\n", str(tmp_path / "b"))
+    base = load_state(family["base"])
+    artifact = open_artifact(next(iter((tmp_path / "cache" / "artifacts").glob("somf-*.safetensors"))).as_posix())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    learned_keep = (artifact.get(tensor_key("logits", name)) > 0)
+    changed = control[name] != base[name]
+    assert int(changed.sum()) == int(learned_keep.sum())  # equal density, per tensor
+    assert not torch.equal(changed, learned_keep)
+    assert not torch.equal(control[name], learned[name])
+
+
+# --------------------------------------------------------------------------- the method
+
+
+@pytest.mark.parametrize("backbone, builtin, density", [
+    ("task_arithmetic", "task_arithmetic", ""),
+    ("ties", "ties", "\n      density: 0.5"),
+])
+def test_all_keep_mask_equals_the_backbone(family, data, tmp_path, backbone, builtin, density):
+    mask = tmp_path / "keep.safetensors"
+    extra = f"  backbone: {backbone}\n  lambda: 0.8\n  mask: {mask}\n  modules: linear\n"
+    text = somf_yaml(family, data, extra, density)
+    (tmp_path / "c.yml").write_text(text)
+    locate_config(str(tmp_path / "c.yml"))
+    artifact = open_artifact(str(mask))
+    keep_all = {k: torch.full_like(artifact.get(k), 5.0) for k in artifact.keys()}
+    write_artifact(str(mask), keep_all, artifact.metadata)
+    ours = run_yaml(text, str(tmp_path / "ours"))
+    expected = run_yaml(merge_yaml(builtin, family, EXPERTS, "  lambda: 0.8\n", density), str(tmp_path / "builtin"))
+    for name in expected:
+        assert torch.equal(ours[name], expected[name]), name
+
+
+def test_config_only_merge_masks_only_the_chosen_modules(family, data, tmp_path):
+    text = somf_yaml(family, data, "  modules: q_proj|v_proj\n  lambda: 1.0\n")
+    ours = run_yaml(text, str(tmp_path / "ours"))
+    plain = run_yaml(merge_yaml("task_arithmetic", family, EXPERTS, "  lambda: 1.0\n"), str(tmp_path / "plain"))
+    artifacts = list((tmp_path / "cache" / "artifacts").glob("somf-*.safetensors"))
+    assert len(artifacts) == 1
+    masked = {k.split("/", 1)[1] for k in open_artifact(str(artifacts[0])).keys()}
+    assert masked == {n for n in plain if "q_proj" in n or "v_proj" in n}
+    for name in plain:
+        if name in masked:
+            assert not torch.equal(ours[name], plain[name]), name
+        else:
+            assert torch.equal(ours[name], plain[name]), name
+    run_yaml(text, str(tmp_path / "again"))  # reused, not recomputed
+    assert len(list((tmp_path / "cache" / "artifacts").glob("somf-*.safetensors"))) == 1
+
+
+def test_changed_training_setting_makes_an_explicit_artifact_stale(family, data, tmp_path):
+    mask = tmp_path / "m.safetensors"
+    text = somf_yaml(family, data, f"  modules: attention\n  mask: {mask}\n")
+    run_yaml(text, str(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"stale .*setting temperature: 0.5 → 0.7"):
+        run_yaml(text + "  temperature: 0.7\n", str(tmp_path / "b"))
+    run_yaml(text + "  mask_mode: expected\n  control: random\n", str(tmp_path / "c"))  # merge-only
+
+
+def test_without_data_the_method_is_the_plain_backbone(family, tmp_path, caplog):
+    text = merge_yaml("somf", family, EXPERTS, "  lambda: 0.7\n")
+    with caplog.at_level("WARNING"):
+        ours = run_yaml(text, str(tmp_path / "a"))
+    plain = run_yaml(merge_yaml("task_arithmetic", family, EXPERTS, "  lambda: 0.7\n"), str(tmp_path / "b"))
+    assert all(torch.equal(ours[k], plain[k]) for k in plain)
+    assert "WITHOUT safety restoration" in caplog.text
+
+
+def test_bad_settings_are_named(family, data, tmp_path):
+    with pytest.raises(SOMFTrainingError, match=r"`modules` entry 'nothing_like_this' matches no tensor"):
+        train_mask(family["base"], experts_of(family), settings_for(family, data, modules="nothing_like_this"), progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "copy apple", "chosen": "apple"}\n')
+    with pytest.raises(Exception, match=r"bad.jsonl:1: missing key 'rejected'"):
+        train_mask(family["base"], experts_of(family), settings_for(family, {"pairs": str(bad)}), progress=False)
+    with pytest.raises(Exception, match="temperature"):
+        run_yaml(somf_yaml(family, data, "  temperature: 0\n"), str(tmp_path / "o"))
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def test_training_lowers_the_dpo_loss_of_the_binary_mask(family, data):
+    """The objective is really optimised: the merge-time mask prefers the refusals more than
+    the unmasked fusion (reference) does, on the training pairs."""
+    settings = settings_for(family, data, steps=40, modules="linear", lr=0.05)
+    logits, extra = train_mask(family["base"], experts_of(family), settings, progress=False)
+    history = extra["history"]
+    assert history[-1]["dpo"] < history[0]["dpo"] - 0.02
+    assert extra["binary_mask_eval"]["dpo_loss"] < 0.69  # ln 2 = unmasked fusion
+    assert extra["binary_mask_eval"]["reward_accuracy"] > 0.5
+
+
+# --------------------------------------------------------------------------- memory paths
+
+
+def test_offloaded_training_equals_in_memory_training(family, data, tmp_path):
+    """Large-model path: only the masked modules in memory, the rest streamed from disk."""
+    settings = settings_for(family, data, modules="attention", steps=3)
+    in_memory, _ = train_mask(family["base"], experts_of(family), settings, progress=False)
+    offloaded_settings = settings_for(family, data, modules="attention", steps=3, offload_folder=str(tmp_path / "off"))
+    fusion = FunctionalFusion(family["base"], experts_of(family), offloaded_settings, progress=False)
+    on_disk = [n for n, m in fusion.model.named_modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+    assert any("mlp" in n for n in on_disk) and not any("self_attn" in n for n in on_disk)
+    offloaded, _ = train_mask(family["base"], experts_of(family), offloaded_settings, progress=False)
+    for name in in_memory:
+        torch.testing.assert_close(offloaded[name], in_memory[name], rtol=0, atol=1e-5)
+
+
+def test_lora_expert_masks_only_adapted_tensors(family, data, tmp_path):
+    """`base+adapter` references: merged once, and only tensors the adapter changes are masked."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(family["base"], dtype=torch.float32)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(str(adapter))
+    text = (
+        f"merge_method: somf\nbase_model: {family['base']}\ndtype: float32\nmodels:\n"
+        f"  - model: {family['base']}+{adapter}\n    parameters:\n      weight: 1.0\n"
+        f"parameters:\n  preference_data: {data['pairs']}\n  steps: 3\n  batch_size: 8\n  modules: attention\n"
+    )
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lora_merge_cache=str(tmp_path / "lora"))
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "out"), options=options)
+    merged = load_state(str(tmp_path / "out"))
+    artifact = open_artifact(str(next((tmp_path / "cache" / "artifacts").glob("somf-*.safetensors"))))
+    masked = {k.split("/", 1)[1] for k in artifact.keys()}
+    assert masked == {n for n in merged if "q_proj" in n or "v_proj" in n}
+    assert len(artifact.metadata.extra["unmasked_selected_tensors"]) == 4  # k_proj, o_proj × 2 layers
