@@ -18,8 +18,9 @@ Stages (each cached in --workdir; re-running skips what exists, ``--force STAGE`
 ``merge``    a YAML per method (plain ``task_arithmetic`` and ``ties``; ``masked_fusion``,
              ``antidote``, ``ssah``, ``somf`` if installed), ``mergekit-safety locate`` then
              ``mergekit-yaml`` for each, timed, with the peak RSS of each child process.
-``eval``     ``mergekit-safety eval MODEL --data WORK/data --json`` for every model (keyword
-             refusal judge); results in WORK/results.json and WORK/results.md.
+``eval``     ``mergekit-safety eval MODEL --data WORK/eval_data --json …`` for every model
+             (keyword refusal judge) on a subset of the generated eval sets (``--eval-per-skill``,
+             ``--eval-harmful``); results in WORK/results.json and WORK/results.md.
 
 Everything but the PyPI wheel is made here; nothing is downloaded from a model hub.
 """
@@ -37,7 +38,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 logger = logging.getLogger("smollm2")
 
@@ -357,9 +358,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight", type=float, default=0.5, help="task-vector weight of each expert in every merge")
     parser.add_argument("--somf-steps", type=int, default=8)
-    parser.add_argument("--eval-per-skill", type=int, default=10, help="benign eval prompts per skill (of 25 generated)")
-    parser.add_argument("--eval-harmful", type=int, default=20, help="harmful eval prompts (of 40 generated)")
-    parser.add_argument("--eval-threads", type=int, default=0,
+    parser.add_argument("--eval-per-skill", type=int, default=8, help="benign eval prompts per skill (of 25 generated)")
+    parser.add_argument("--eval-harmful", type=int, default=16, help="harmful eval prompts (of 40 generated)")
+    parser.add_argument("--eval-threads", type=int, default=1,
                         help="OMP_NUM_THREADS of the eval processes (0 = inherit; 1 is faster on a crowded machine)")
     parser.add_argument("--skip-eval", default="masked_fusion",
                         help="merges not evaluated (masked_fusion without a mask is checked tensor-equal to task_arithmetic instead)")
