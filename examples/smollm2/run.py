@@ -358,8 +358,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight", type=float, default=0.5, help="task-vector weight of each expert in every merge")
     parser.add_argument("--somf-steps", type=int, default=8)
-    parser.add_argument("--eval-per-skill", type=int, default=8, help="benign eval prompts per skill (of 25 generated)")
-    parser.add_argument("--eval-harmful", type=int, default=16, help="harmful eval prompts (of 40 generated)")
+    parser.add_argument("--eval-per-skill", type=int, default=25, help="benign eval prompts per skill (of 25 generated)")
+    parser.add_argument("--eval-harmful", type=int, default=40, help="harmful eval prompts (of 40 generated)")
     parser.add_argument("--eval-threads", type=int, default=1,
                         help="OMP_NUM_THREADS of the eval processes (0 = inherit; 1 is faster on a crowded machine)")
     parser.add_argument("--skip-eval", default="masked_fusion",
