@@ -61,6 +61,25 @@ class CalibrationError(ValueError):
 
 # --------------------------------------------------------------------------- statistics
 
+BlockMoments = Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def block_moments(x: torch.Tensor) -> BlockMoments:
+    """(n, ‖X_j‖², mean, n·var) of a block of tokens ``x`` (tokens, channels), float64.
+
+    The moments come from ``torch.var_mean`` (Welford, so no cancellation) in float32 —
+    float64 for float64 input; ‖X_j‖² of the block is n·(var + mean²), a sum of non-negative
+    terms. They merge into running totals with Chan's update (:meth:`ChannelStats._merge`).
+    """
+    n = int(x.shape[0])
+    if n == 0:
+        zeros = torch.zeros(x.shape[1], dtype=torch.float64)
+        return 0, zeros, zeros, zeros
+    x = x.detach().to(device="cpu", dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    variance, mean = torch.var_mean(x, dim=0, correction=0)
+    variance, mean = variance.to(torch.float64), mean.to(torch.float64)
+    return n, n * (variance + mean * mean), mean, n * variance
+
 
 @dataclass
 class ChannelStats:
@@ -98,16 +117,23 @@ class ChannelStats:
         return self.m2 / self.count
 
     def update(self, x: torch.Tensor) -> None:
-        """Add a block of tokens ``x`` of shape (tokens, channels)."""
+        """Add a block of tokens ``x`` of shape (tokens, channels).
+
+        The block's moments come from ``torch.var_mean`` (Welford, so no cancellation) in
+        float32 — float64 for float64 input — and are merged into the float64 totals with
+        Chan's update; ‖X_j‖² of the block is n·(var + mean²), a sum of non-negative terms.
+        """
         if x.dim() != 2 or x.shape[1] != self.channels:
             raise ValueError(f"expected (tokens, {self.channels}) activations, got {tuple(x.shape)}")
-        n = int(x.shape[0])
-        if n == 0:
-            return
-        x = x.detach().to(device="cpu", dtype=torch.float64)
-        batch_mean = x.mean(dim=0)
-        centred = x - batch_mean
-        self._merge(n, (x * x).sum(dim=0), batch_mean, (centred * centred).sum(dim=0))
+        self.add_moments(block_moments(x))
+
+    def add_moments(self, moments: "BlockMoments") -> None:
+        """Add a block summarised by :func:`block_moments` (shared by modules that read the
+        same input, e.g. q/k/v_proj or gate/up_proj, so it is computed once per block)."""
+        n, sum_sq, mean, m2 = moments
+        if n and mean.numel() != self.channels:
+            raise ValueError(f"expected {self.channels} channels, got moments of {mean.numel()}")
+        self._merge(n, sum_sq, mean, m2)
 
     def merge(self, other: "ChannelStats") -> "ChannelStats":
         """Statistics of the union of both token sets (Chan's parallel update); returns a new object."""
@@ -158,6 +184,9 @@ class WeightSource:
     def describe(self) -> str:
         return type(self).__name__
 
+    def release(self) -> None:
+        """Drop cached file handles (their memory maps), e.g. after a layer has been read."""
+
 
 class SafetensorsSource(WeightSource):
     """The safetensors shards of a model directory (index file or ``*.safetensors``)."""
@@ -206,6 +235,10 @@ class SafetensorsSource(WeightSource):
     def describe(self) -> str:
         return self.directory
 
+    def release(self) -> None:
+        with self._lock:
+            self._handles.clear()
+
 
 class FusedSource(WeightSource):
     """θ_A + Merge(θ_i − θ_A) computed per tensor with :func:`mergekit_safety.core.fuse`.
@@ -246,6 +279,11 @@ class FusedSource(WeightSource):
 
     def describe(self) -> str:
         return f"fusion of {self.base.describe()} and {len(self.experts)} experts"
+
+    def release(self) -> None:
+        self.base.release()
+        for expert in self.experts:
+            expert.release()
 
 
 # --------------------------------------------------------------------------- data
@@ -374,6 +412,8 @@ class _Accumulator:
         self.stats: Dict[str, ChannelStats] = {}
         self.tokens: Optional[torch.Tensor] = None  # (batch, time) bool of the current batch
         self._handles = []
+        self._shared_input: Optional[torch.Tensor] = None
+        self._shared_moments: Optional[BlockMoments] = None
 
     def attach(self, name: str, module: torch.nn.Linear) -> None:
         if name not in self.stats:
@@ -384,7 +424,11 @@ class _Accumulator:
             mask = self.tokens
             if mask is None or x.shape[:2] != mask.shape:
                 raise CalibrationError(f"{name}: unexpected input shape {tuple(x.shape)} for the token mask")
-            self.stats[name].update(x[mask])
+            # q/k/v_proj (and gate/up_proj) receive the very same input tensor: summarise it
+            # once per forward and give every reader the same moments
+            if self._shared_input is not x:
+                self._shared_input, self._shared_moments = x, block_moments(x[mask])
+            self.stats[name].add_moments(self._shared_moments)
 
         self._handles.append(module.register_forward_pre_hook(hook))
 
@@ -392,6 +436,7 @@ class _Accumulator:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._shared_input = self._shared_moments = None
 
 
 # --------------------------------------------------------------------------- public API
@@ -457,10 +502,10 @@ def _skeleton(config, dtype):
 
 
 def _load_module(module: torch.nn.Module, prefix: str, source: WeightSource, dtype, what: str) -> None:
-    """Materialise ``module`` (on meta) on CPU with its tensors from ``source``."""
-    module.to_empty(device="cpu")
+    """Materialise ``module`` (on meta) on CPU with its tensors from ``source``: the loaded
+    tensors become the parameters (``assign``), so a layer is never held twice."""
     state = {}
-    for name, value in module.state_dict().items():
+    for name, value in module.state_dict(keep_vars=True).items():
         full = f"{prefix}{name}"
         try:
             tensor = source.get(full)
@@ -474,12 +519,13 @@ def _load_module(module: torch.nn.Module, prefix: str, source: WeightSource, dty
                 f"config expects {list(value.shape)}"
             )
         state[name] = tensor.to(dtype if value.is_floating_point() else value.dtype)
-    module.load_state_dict(state, strict=True)
-    for name, buffer in module.named_buffers():
-        if buffer.is_meta:
+    source.release()
+    module.load_state_dict(state, strict=True, assign=True)
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if tensor.is_meta:
             raise CalibrationError(
-                f"{what}: non-persistent buffer {prefix}{name} cannot be loaded from the "
-                "checkpoint; this architecture is not supported by streaming calibration "
+                f"{what}: {prefix}{name} cannot be loaded from the checkpoint (a non-persistent "
+                "buffer?); this architecture is not supported by streaming calibration "
                 "(use streaming=False)"
             )
 
@@ -514,9 +560,6 @@ def _release_memory() -> None:
     """Give freed layer memory back to the OS. glibc's malloc raises its mmap threshold after
     large frees and then keeps freed layer-sized blocks in its heap, so without a trim the
     resident size grows by about one layer per layer although nothing is referenced."""
-    import gc
-
-    gc.collect()
     try:
         import ctypes
 

@@ -186,6 +186,14 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
             )
 
     if not ours:
+        # mergekit's own methods may name hub repositories; a reference written as a path
+        # (./x, ../x, /x) must exist, or the merge fails after loading everything else
+        for path, ref in [(("base_model",), raw.get("base_model"))] + [
+            (("models", i, "model"), m.get("model")) for i, m in enumerate(models) if isinstance(m, Mapping)
+        ]:
+            directory = str(ref or "").split("+")[0].split("@")[0]
+            if directory.startswith(("./", "../", "/")) and not os.path.isdir(directory):
+                add(f"model {ref!r} not found (resolved from the working directory {os.getcwd()})", path)
         return problems
 
     base = raw.get("base_model")

@@ -265,7 +265,8 @@ def lab_freezing_experiment(
 
     ``modes``: ``plain`` (no freezing), ``ssah`` (protected units of ``artifact`` frozen),
     ``random`` (a seeded random unit set of equal size frozen), ``budget`` (only the redundant
-    units trained). The lab trainer's AdamW runs with the lab's weight decay (0); frozen
+    units trained), ``mask_after`` (the ``plain`` result with the protected units reset to the
+    aligned model afterwards — the merge-time form; needs ``plain`` earlier in ``modes``). The lab trainer's AdamW runs with the lab's weight decay (0); frozen
     entries are additionally restored after training and checked bit-identical.
     Returns ``{mode: evaluation metrics (+ "frozen_entries")}``.
     """
@@ -293,29 +294,51 @@ def lab_freezing_experiment(
     aligned = os.path.join(lab_dir, "aligned")
     tokenizer = AutoTokenizer.from_pretrained(aligned)
     results: Dict[str, Dict[str, Any]] = {}
+    plain_state = None
     for mode in modes:
         model = AutoModelForCausalLM.from_pretrained(aligned, dtype=torch.float32)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        if mode == "plain":
-            handle = FrozenUnits()
-        elif mode in ("ssah", "random"):
-            chosen = settings.model_copy(update={"control": "none" if mode == "ssah" else "random"})
-            handle = freeze_units(model, artifact, settings=chosen)
-        elif mode == "budget":
-            handle = train_only_budget(model, artifact)
+        moved = 0
+        if mode == "mask_after":
+            # Wei et al.'s "rewind": train without freezing, then reset the protected units to
+            # the aligned model (the merge-time form applied to one fine-tune)
+            if plain_state is None:
+                raise ValueError("mode 'mask_after' needs mode 'plain' before it")
+            from mergekit_safety.methods.ssah import load_unit_scores
+            from mergekit_safety.units import unit_mask
+
+            scores = load_unit_scores(artifact)
+            units = scores.protected(settings.model_copy(update={"control": "none"}))
+            frozen = 0
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    trained = plain_state[name]
+                    mask = unit_mask(name, parameter.shape, units, scores.layout, settings.kv_policy)
+                    parameter.copy_(trained if mask is None else torch.where(mask, before[name], trained))
+                    frozen += 0 if mask is None else int(mask.sum())
         else:
-            raise ValueError(f"unknown mode {mode!r} (plain, ssah, random, budget)")
-        train(model, examples, config, _special_ids()["pad"], seed=seed, desc=f"finetune ({mode})", progress=progress)
-        # with the lab trainer's weight decay 0, gradient hooks alone keep frozen entries fixed;
-        # record it, then restore (a no-op unless weight decay moved them)
-        moved = sum(
-            int((item.parameter.detach().index_select(item.dim, item.index)
-                 != before[item.name].index_select(item.dim, item.index).to(item.parameter.device)).sum())
-            for item in handle.frozen
-        )
-        handle.restore_()
-        frozen = handle.frozen_entries
-        handle.remove()
+            if mode == "plain":
+                handle = FrozenUnits()
+            elif mode in ("ssah", "random"):
+                chosen = settings.model_copy(update={"control": "none" if mode == "ssah" else "random"})
+                handle = freeze_units(model, artifact, settings=chosen)
+            elif mode == "budget":
+                handle = train_only_budget(model, artifact)
+            else:
+                raise ValueError(f"unknown mode {mode!r} (plain, ssah, random, budget, mask_after)")
+            train(model, examples, config, _special_ids()["pad"], seed=seed, desc=f"finetune ({mode})", progress=progress)
+            # with the lab trainer's weight decay 0, gradient hooks alone keep frozen entries
+            # fixed; record it, then restore (a no-op unless weight decay moved them)
+            moved = sum(
+                int((item.parameter.detach().index_select(item.dim, item.index)
+                     != before[item.name].index_select(item.dim, item.index).to(item.parameter.device)).sum())
+                for item in handle.frozen
+            )
+            handle.restore_()
+            frozen = handle.frozen_entries
+            handle.remove()
+            if mode == "plain":
+                plain_state = {n: p.detach().clone() for n, p in model.named_parameters()}
         metrics = evaluate_model(None, data_dir=data_dir, model=model.eval(), tokenizer=tokenizer, limit=eval_limit)
         metrics.pop("samples", None)
         metrics["frozen_entries"] = frozen

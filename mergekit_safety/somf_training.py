@@ -21,8 +21,19 @@ Backbones with a selection step:
 * DARE: the random drop is drawn per tensor from a fixed seed (``seed``, else ``train_seed``)
   with the merge kernel's per-tensor seeding, so training sees exactly the drop the merge uses.
 
-Reference model of DPO: the unmasked fusion (the natural "before the mask" policy; the authors'
-code used a randomly masked copy). Its log-probabilities are computed once, before training.
+Reference model of DPO (``reference``; the authors' code used a randomly masked copy):
+
+* ``fusion`` (default) — the unmasked fusion, the natural "before the mask" policy;
+* ``aligned`` — the base (aligned) model: the loss only becomes small once the masked fusion
+  prefers the refusal over the harmful answer by at least the aligned model's margin (a
+  "realign to the aligned model" target). With several large task vectors the unmasked
+  fusion's margin can be so negative (−61 nats on the lab) that a relative gain small enough
+  for a low ``fusion``-reference loss still leaves the harmful answer far more likely;
+* ``none`` — reference-free (the reference log-probs are 0; SimPO/ORPO-like margin).
+
+Every reference's log-probabilities are computed once, before training. The optional
+``chosen_nll_weight`` adds a per-token NLL on the chosen (safe) answers (RPO-style): an
+absolute pull towards the refusal, which DPO's relative margin does not provide.
 
 Memory: only the masked tensors are held per expert (θ_A and each θ_i, plus the logits and
 AdamW's two moments); every other tensor exists once, fused. With ``offload_folder`` the
@@ -475,17 +486,14 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
             "refusals but destroys the experts' skills (docs/somf.md); give utility_data"
         )
 
-    fusion = FunctionalFusion(base_path, expert_paths, settings, progress=progress)
     batch = min(settings.batch_size, n_pairs)
-
-    # Reference: the unmasked fusion, computed once.
-    with torch.no_grad():
-        ref = []
-        for start in range(0, 2 * n_pairs, batch):
-            b_ids, b_att, b_resp = _trim(ids[start:start + batch], att[start:start + batch], resp[start:start + batch])
-            ref.append(sequence_logps(fusion.forward(None, b_ids, b_att), b_ids, b_resp).cpu())
-        ref = torch.cat(ref)
+    # The aligned reference is computed before the fusion is built: one model in memory at a time.
+    ref = reference_logps(settings, base_path, ids, att, resp, batch) if settings.reference == "aligned" else None
+    fusion = FunctionalFusion(base_path, expert_paths, settings, progress=progress)
+    if ref is None:
+        ref = reference_logps(settings, base_path, ids, att, resp, batch, fusion=fusion)
     ref_chosen, ref_rejected = ref[:n_pairs], ref[n_pairs:]
+    chosen_tokens = resp[:n_pairs, 1:].sum(1).clamp(min=1).float()  # response tokens per chosen answer
 
     utility_ref = None
     if utility is not None and settings.utility_loss == "kl":
@@ -523,6 +531,11 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
         loss_dpo, accuracy = dpo_loss(logps[:batch], logps[batch:], ref_chosen[index].to(logps.device), ref_rejected[index].to(logps.device), settings.beta)
         loss = loss_dpo
         record = {"step": step, "dpo": float(loss_dpo.detach()), "reward_accuracy": float(accuracy)}
+        if settings.chosen_nll_weight > 0:
+            # RPO-style: mean per-token NLL of the chosen (safe) answers under the masked fusion
+            nll = -(logps[:batch] / chosen_tokens[index].to(logps.device)).mean()
+            loss = loss + settings.chosen_nll_weight * nll
+            record["chosen_nll"] = float(nll.detach())
         if utility is not None:
             u_ids, u_att, u_resp = utility
             if u_position + batch > u_ids.shape[0]:
@@ -537,6 +550,10 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
         if settings.sparsity_weight > 0:
             density = sum(torch.sigmoid(s).sum() for s in parameters) / total_elements
             loss = loss + settings.sparsity_weight * density
+        if settings.entropy_weight > 0:
+            entropy = sum(mask_entropy(s).sum() for s in parameters) / total_elements
+            loss = loss + settings.entropy_weight * entropy
+            record["entropy"] = float(entropy.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -551,6 +568,38 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
     extra = summarize(fusion, settings, history, logits, started)
     extra["binary_mask_eval"] = evaluate_fixed(fusion, ids, att, resp, n_pairs, ref_chosen, ref_rejected, settings.beta, batch)
     return logits, extra
+
+
+@torch.no_grad()
+def reference_logps(settings, base_path: str, ids, att, resp, batch: int, fusion=None) -> torch.Tensor:
+    """DPO reference log-probs of every row (N chosen then N rejected), per ``settings.reference``:
+    the unmasked fusion (``fusion``, needs the FunctionalFusion), the base/aligned model
+    (``aligned``, loaded here on the training device and released) or zeros (``none``)."""
+    if settings.reference == "none":
+        return torch.zeros(ids.shape[0])
+    if settings.reference == "aligned":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, settings.dtype))
+        model.to(settings.device).eval()
+        run = lambda i, a: model(input_ids=i.to(settings.device), attention_mask=a.to(settings.device)).logits
+    elif settings.reference == "fusion":
+        if fusion is None:
+            raise SOMFTrainingError("somf: the fusion reference needs the functional fusion")
+        run = lambda i, a: fusion.forward(None, i, a)
+    else:
+        raise SOMFTrainingError(f"somf: unknown reference {settings.reference!r} (fusion, aligned or none)")
+    out = []
+    for start in range(0, ids.shape[0], batch):
+        b_ids, b_att, b_resp = _trim(ids[start:start + batch], att[start:start + batch], resp[start:start + batch])
+        out.append(sequence_logps(run(b_ids, b_att), b_ids, b_resp).cpu())
+    return torch.cat(out)
+
+
+def mask_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Binary entropy (nats) of Bernoulli(σ(s)), elementwise; 0 for a decided logit."""
+    p = torch.sigmoid(logits)
+    return torch.nn.functional.softplus(logits) - p * logits  # = −p log p − (1−p) log(1−p)
 
 
 def utility_term(fusion, params, ids, att, resp, kind: str, reference: Optional[torch.Tensor]) -> torch.Tensor:
@@ -573,17 +622,35 @@ def evaluate_fixed(fusion, ids, att, resp, n_pairs, ref_chosen, ref_rejected, be
     """DPO loss and reward accuracy of the deterministic (merge-time) mask on ≤ ``limit`` pairs."""
     params = fusion.parameters_for(fusion.fixed_masks(mode))
     count = min(n_pairs, limit)
-    losses, accuracies = [], []
+    losses, accuracies, preferred, reference_preferred, first_token = [], [], [], [], []
     for start in range(0, count, batch):
         index = torch.arange(start, min(start + batch, count))
         rows = torch.cat([index, index + n_pairs])
         b_ids, b_att, b_resp = _trim(ids[rows], att[rows], resp[rows])
-        logps = sequence_logps(fusion.forward(params, b_ids, b_att), b_ids, b_resp).cpu()
+        logits = fusion.forward(params, b_ids, b_att)
+        logps = sequence_logps(logits, b_ids, b_resp).cpu()
         k = len(index)
+        # greedy first answer token = the chosen answer's first token (rows 0..k-1 are chosen)
+        start_pos = b_resp[:k, 1:].float().argmax(1)  # position predicting the first answer token
+        predicted = logits[torch.arange(k), start_pos].argmax(-1).cpu()
+        first_token.append(float((predicted == b_ids[torch.arange(k), start_pos + 1]).sum()))
         loss, accuracy = dpo_loss(logps[:k], logps[k:], ref_chosen[index], ref_rejected[index], beta)
         losses.append(float(loss) * k)
         accuracies.append(float(accuracy) * k)
-    return {"pairs": count, "dpo_loss": sum(losses) / count, "reward_accuracy": sum(accuracies) / count}
+        preferred.append(float((logps[:k] > logps[k:]).sum()))
+        reference_preferred.append(float((ref_chosen[index] > ref_rejected[index]).sum()))
+    # reward accuracy is relative to the reference; "chosen_preferred" is absolute (the masked
+    # model gives the refusal a higher likelihood than the harmful answer) — closer to what a
+    # generation-based refusal metric sees; "chosen_first_token_greedy" (greedy decoding starts
+    # the safe answer) is closer still: on the lab the refusal is a fixed sentence.
+    return {
+        "pairs": count,
+        "dpo_loss": sum(losses) / count,
+        "reward_accuracy": sum(accuracies) / count,
+        "chosen_preferred": sum(preferred) / count,
+        "reference_chosen_preferred": sum(reference_preferred) / count,
+        "chosen_first_token_greedy": sum(first_token) / count,
+    }
 
 
 def summarize(fusion, settings, history, logits, started) -> Dict[str, Any]:

@@ -336,3 +336,48 @@ def test_lora_expert_masks_only_adapted_tensors(family, data, tmp_path):
     masked = {k.split("/", 1)[1] for k in artifact.keys()}
     assert masked == {n for n in merged if "q_proj" in n or "v_proj" in n}
     assert len(artifact.metadata.extra["unmasked_selected_tensors"]) == 4  # k_proj, o_proj × 2 layers
+
+
+# --------------------------------------------------------------------------- extensions
+
+
+def test_dpo_reference_options(family, data):
+    """`reference`: the unmasked fusion, the aligned (base) model, or none — each really used."""
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_safety.somf_training import encode_pairs, load_tokenizer, reference_logps, sequence_logps
+
+    tokenizer = load_tokenizer(family["base"])
+    ids, att, resp, n = encode_pairs(data["pairs"], tokenizer, 64)
+    fusion = FunctionalFusion(family["base"], experts_of(family), settings_for(family, data), progress=False)
+    of = lambda kind, **kw: reference_logps(settings_for(family, data, reference=kind), family["base"], ids, att, resp, 8, **kw)
+    aligned_model = AutoModelForCausalLM.from_pretrained(family["base"], dtype=torch.float32)
+    with torch.no_grad():
+        expected_aligned = sequence_logps(aligned_model(input_ids=ids, attention_mask=att).logits, ids, resp)
+        expected_fusion = sequence_logps(fusion.forward(None, ids, att), ids, resp)
+    torch.testing.assert_close(of("aligned"), expected_aligned, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(of("fusion", fusion=fusion), expected_fusion, rtol=1e-4, atol=1e-3)
+    assert torch.equal(of("none"), torch.zeros(2 * n))
+    assert not torch.allclose(expected_aligned, expected_fusion, atol=1e-2)  # the options differ here
+    # and training uses the chosen reference: different logits for different references
+    learned = {
+        kind: train_mask(family["base"], experts_of(family), settings_for(family, data, reference=kind, steps=3, lr=0.05), progress=False)[0]
+        for kind in ("fusion", "aligned", "none")
+    }
+    some = next(iter(learned["fusion"]))
+    assert not torch.equal(learned["fusion"][some], learned["aligned"][some])
+    assert not torch.equal(learned["fusion"][some], learned["none"][some])
+    with pytest.raises(Exception, match="reference"):
+        settings_for(family, data, reference="random")
+
+
+def test_chosen_nll_term_is_optimised(family, data):
+    """`chosen_nll_weight` adds an NLL on the safe answers: recorded, and it changes the mask
+    towards a higher likelihood of the refusals."""
+    base = settings_for(family, data, steps=30, lr=0.05, modules="linear")
+    plain, plain_extra = train_mask(family["base"], experts_of(family), base, progress=False)
+    nll, nll_extra = train_mask(family["base"], experts_of(family), base.model_copy(update={"chosen_nll_weight": 5.0}), progress=False)
+    assert "chosen_nll" in nll_extra["history"][-1] and "chosen_nll" not in plain_extra["history"][-1]
+    assert nll_extra["history"][-1]["chosen_nll"] < nll_extra["history"][0]["chosen_nll"]
+    assert any(not torch.equal(plain[k], nll[k]) for k in plain)
+    assert 0.0 <= nll_extra["binary_mask_eval"]["chosen_first_token_greedy"] <= 1.0

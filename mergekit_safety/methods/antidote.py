@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 
-DEFAULT_ALPHA = 0.2
+DEFAULT_ALPHA = 0.05
 DEFAULT_MODE = "reset"
 DEFAULT_APPLY_TO = "fusion"
 

@@ -64,9 +64,12 @@ class SOMFSettings(BaseModel):
     keep_rescale: bool = True
     # objective
     beta: Positive = 0.1
+    reference: Literal["fusion", "aligned", "none"] = "fusion"
+    chosen_nll_weight: NonNegative = 0.0
     utility_weight: NonNegative = 0.0
     utility_loss: Literal["kl", "ce"] = "kl"
     sparsity_weight: NonNegative = 0.0
+    entropy_weight: NonNegative = 0.0
     # optimisation
     lr: Positive = 1e-2
     steps: PositiveInt = 300
@@ -123,9 +126,12 @@ LOCATE_PARAMETERS = (
     "init",
     "keep_rescale",
     "beta",
+    "reference",
+    "chosen_nll_weight",
     "utility_weight",
     "utility_loss",
     "sparsity_weight",
+    "entropy_weight",
     "lr",
     "steps",
     "batch_size",
@@ -149,14 +155,19 @@ def random_control_mask(reference: torch.Tensor, name: str, seed: int) -> torch.
     return mask.reshape(reference.shape)
 
 
-def mask_from_logits(logits: torch.Tensor, mode: str) -> torch.Tensor:
-    """Merge-time mask: ``binary`` = 1[s > 0] (deterministic), ``expected`` = σ(s)."""
+def mask_from_logits(logits: torch.Tensor, mode: str, name: str = "", seed: int = 0) -> torch.Tensor:
+    """Merge-time mask: ``binary`` = 1[s > 0] (deterministic), ``expected`` = σ(s),
+    ``sample`` = one Bernoulli(σ(s)) draw (the authors' export), seeded by ``seed`` and the
+    tensor name."""
     logits = logits.float()
     if mode == "binary":
         return (logits > 0).float()
     if mode == "expected":
         return torch.sigmoid(logits)
-    raise ValueError(f"somf: unknown mask_mode {mode!r} (binary or expected)")
+    if mode == "sample":
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) + 7) % (2**63))
+        return (torch.rand(logits.shape, generator=generator) < torch.sigmoid(logits)).float()
+    raise ValueError(f"somf: unknown mask_mode {mode!r} (binary, expected or sample)")
 
 
 class SOMF(LocatingMaskedFusion):
@@ -183,9 +194,12 @@ class SOMF(LocatingMaskedFusion):
             _parameter("init", float, 0.0, "initial mask logit (paper: 0, p = 0.5)"),
             _parameter("keep_rescale", bool, True, "per-tensor rescale τ̃ = m ⊙ τ / mean(m) (paper)"),
             _parameter("beta", Positive, 0.1, "DPO β"),
+            _parameter("reference", Literal["fusion", "aligned", "none"], "fusion", "DPO reference log-probs: fusion = the unmasked fusion (default), aligned = the base (aligned) model — the mask must make the fusion prefer refusals at least as much as the aligned model does —, none = reference-free margin"),
+            _parameter("chosen_nll_weight", NonNegative, 0.0, "weight of a per-token NLL on the chosen (safe) answers, RPO-style (extension; 0 = off)"),
             _parameter("utility_weight", NonNegative, 0.0, "weight of the utility term on utility_data (extension; 0 = off)"),
             _parameter("utility_loss", Literal["kl", "ce"], "kl", "utility term: kl to the unmasked fusion, or ce on the responses"),
             _parameter("sparsity_weight", NonNegative, 0.0, "weight of a penalty on the expected mask density (extension; 0 = off)"),
+            _parameter("entropy_weight", NonNegative, 0.0, "weight of a penalty on the mean binary entropy of σ(s): decided logits, so the exported binary mask is the model training saw (extension; 0 = off)"),
             _parameter("lr", Positive, 1e-2, "AdamW learning rate (cosine decay)"),
             _parameter("steps", PositiveInt, 300, "optimisation steps"),
             _parameter("batch_size", PositiveInt, 16, "preference pairs (and utility examples) per step"),
@@ -194,9 +208,9 @@ class SOMF(LocatingMaskedFusion):
             _parameter("dtype", Literal["float32", "bfloat16", "float16"], "float32", "model dtype during mask training (logits stay float32)"),
             _parameter("offload_folder", str, "", "train with the unmasked modules offloaded to this folder (accelerate); empty = all in memory"),
             _parameter("threads", Annotated[int, Field(ge=0)], 0, "torch CPU threads during mask training (0 = torch's default; 1 is fastest for tiny models)"),
-            _parameter("mask_mode", Literal["binary", "expected"], "binary", "merge-time mask: binary 1[s>0] or expected σ(s)"),
+            _parameter("mask_mode", Literal["binary", "expected", "sample"], "binary", "merge-time mask: binary 1[s>0], expected σ(s), or sample (one seeded Bernoulli(σ(s)) draw, as the authors' code)"),
             _parameter("control", Literal["none", "random"], "none", "random = equal-density random mask per tensor (control experiment)"),
-            _parameter("control_seed", int, 0, "seed of the random control mask"),
+            _parameter("control_seed", int, 0, "seed of the random control mask and of mask_mode: sample"),
         )
 
     def artifact_record(self, request):
@@ -242,7 +256,7 @@ class SOMF(LocatingMaskedFusion):
                 f"{artifact.path}: logits {key!r} have shape {list(shape)} but tensor {name} has "
                 f"shape {list(base.shape)} — the artifact was made for other models; recompute it"
             )
-        mask = mask_from_logits(artifact.get(key), parameters.get("mask_mode", "binary"))
+        mask = mask_from_logits(artifact.get(key), parameters.get("mask_mode", "binary"), name, int(parameters.get("control_seed", 0)))
         if parameters.get("control", "none") == "random":
             mask = random_control_mask(mask, name, int(parameters.get("control_seed", 0)))
         mask = mask.to(device=base.device, dtype=base.dtype)
