@@ -123,9 +123,13 @@ def expected_selection(family, harmful, model_dir, weights_of, base_state=None, 
     return selection
 
 
-def test_fusion_reset_restores_the_selected_entries_to_the_aligned_model(family, harmful, tmp_path):
+@pytest.mark.parametrize("row_block", [None, 1], ids=["whole-tensor", "one-row-blocks"])
+def test_fusion_reset_restores_the_selected_entries_to_the_aligned_model(family, harmful, tmp_path, monkeypatch, row_block):
     from mergekit_safety.calibration import FusedSource, SafetensorsSource
+    from mergekit_safety.methods import antidote
 
+    if row_block is not None:  # scoring in blocks of rows must select exactly the same entries
+        monkeypatch.setattr(antidote, "ROW_BLOCK_ENTRIES", row_block)
     merged = run_yaml(antidote_yaml(family, harmful, apply_to="fusion", mode="reset"), str(tmp_path / "out"))
     base, _experts, fused = plain_fusion(family)
     source = FusedSource(

@@ -29,7 +29,7 @@ streams through it layer by layer: it is never written to disk.
 per row, the same roles — the equal-size random mask every report needs to show whether the
 Wanda scores beat chance.
 
-Defaults (``mode: reset``, ``apply_to: fusion``, ``alpha: 0.2``, ``token_scope: all``) were
+Defaults (``mode: reset``, ``apply_to: fusion``, ``alpha: 0.05`` — the paper's most used value —, ``token_scope: all``) were
 chosen on the safety lab; the measurements that decided them are in docs/antidote.md.
 """
 
@@ -54,6 +54,7 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 
 DEFAULT_ALPHA = 0.05
+ROW_BLOCK_ENTRIES = 1 << 22  # entries scored and sorted at once (≈ 100 MB of float64 + indices)
 DEFAULT_MODE = "reset"
 DEFAULT_APPLY_TO = "fusion"
 
@@ -278,9 +279,16 @@ class Antidote(LocatingMaskedFusion):
                     if name not in stats:
                         raise RuntimeError(f"antidote: no calibration statistics for {name}")
                     norm = stats[name].norm
-                    scored = weight if mode == "zero" else weight - base.get(name).to(torch.float32)
-                    scores = wanda_scores(scored, norm)
-                selected = top_alpha_per_row(scores, alpha)
+                    scores = weight if mode == "zero" else weight - base.get(name).to(torch.float32)
+                # the selection is per output row, so blocks of rows give the same mask while
+                # the float64 scores and the sort's buffers stay small on large tensors
+                selected = torch.empty(weight.shape, dtype=torch.bool)
+                step = max(1, ROW_BLOCK_ENTRIES // max(1, weight[0].numel()))
+                for start in range(0, weight.shape[0], step):
+                    block = scores[start:start + step]
+                    if not random_control:
+                        block = wanda_scores(block, norm)
+                    selected[start:start + step] = top_alpha_per_row(block, alpha)
                 selected_total += int(selected.sum())
                 entries_total += selected.numel()
                 if mode == "zero":

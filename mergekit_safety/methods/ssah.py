@@ -136,15 +136,22 @@ def zscore(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.where(std > 0, centred / std.clamp_min(1e-300), torch.zeros_like(centred))
 
 
+def column_norms_sq(weight: torch.Tensor) -> torch.Tensor:
+    """``‖W[:, j]‖²`` of a Linear weight ``[out, in]`` (float64, ``[in]``)."""
+    return weight.double().pow(2).sum(dim=0)
+
+
 def channel_scores(variance: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """FLAP fluctuation score ``S_j = Var(X[:, j]) · ‖W[:, j]‖²`` of a Linear's input channels
-    (``weight`` is ``[out, in]``, ``variance`` is ``[in]``)."""
+    (``variance`` is ``[in]``; ``weight`` is the weight ``[out, in]`` or already its squared
+    column norms ``[in]`` — all the score needs, so streaming keeps only those)."""
     if variance.shape[-1] != weight.shape[-1]:
         raise UnitError(
             f"channel variance has {variance.shape[-1]} channels but the weight has "
             f"{weight.shape[-1]} input columns"
         )
-    return variance.double() * weight.double().pow(2).sum(dim=0)
+    norms_sq = weight.double() if weight.dim() == 1 else column_norms_sq(weight)
+    return variance.double() * norms_sq
 
 
 def unit_scores(
@@ -363,7 +370,8 @@ def score_model(model_dir: str, settings: ScoreSettings, label_settings: LabelSe
 @dataclass
 class InputStatistics:
     """Per-layer input variances of o_proj ``[L, H·d]`` and down_proj ``[L, I]`` on one set,
-    with the weights they multiply."""
+    with the squared column norms of the weights they multiply (``o_weights``/``down_weights``,
+    ``[in]`` each)."""
 
     attention_variance: torch.Tensor
     mlp_variance: torch.Tensor
@@ -400,7 +408,7 @@ def input_variances(model_dir: str, data_path: str, layout: UnitLayout, settings
             if name is None:
                 raise UnitError(f"{model_dir}: no statistics for layer {layer}'s {module} (not a Llama-style decoder?)")
             variances.append(stats[name].variance)
-            weights.append(source.get(name))
+            weights.append(column_norms_sq(source.get(name)))  # not the weight: O(in) memory
             tokens = stats[name].count
     if not tokens:
         raise UnitError(f"{data_path}: no {'response ' if settings.response_only else ''}tokens to score units on")
