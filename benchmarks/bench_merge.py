@@ -115,6 +115,75 @@ def write_keep_mask(path: str, paths: dict, experts: int) -> None:
     )
 
 
+def write_method_artifacts(workdir: str, paths: dict, experts: int, tag: str) -> dict:
+    """Synthetic but valid artifacts for the merge-time cost of somf / ssah / antidote.
+
+    The locate step is benchmarked elsewhere (bench_calibration, bench_streaming); here only
+    the merge reads an artifact. Each artifact is recorded with the method's own settings for
+    the benchmark config (so the merge accepts it) and filled with seeded random content:
+    SOMF logits for every Linear weight, SSAH unit z-scores (labels and protected set derived
+    as usual), Antidote `post_keep` masks with α = 0.05 per row.
+    """
+    import torch
+
+    from mergekit import merge_methods
+
+    from mergekit_safety.artifacts import tensor_key, write_artifact
+    from mergekit_safety.checks import safetensors_shapes
+    from mergekit_safety.locate import request_from_config
+    from mergekit_safety.methods.antidote import top_alpha_per_row
+    from mergekit_safety.methods.ssah import UnitScores, write_scores_artifact
+    from mergekit_safety.units import UnitLayout
+
+    data = os.path.join(workdir, "bench-data.jsonl")
+    if not os.path.exists(data):
+        with open(data, "w") as handle:
+            for i in range(8):
+                handle.write(json.dumps({"prompt": f"p{i}", "response": f"r{i}", "chosen": "no", "rejected": f"r{i}"}) + "\n")
+    generator = torch.Generator().manual_seed(0)
+    shapes = safetensors_shapes(paths["base"])
+    linear = {n: s for n, s in shapes.items() if len(s) == 2 and "embed_tokens" not in n}
+    configs = {}
+
+    def config(method, extra):
+        path = os.path.join(workdir, f"bench-{tag}-{method}.yml")
+        with open(path, "w") as handle:
+            handle.write(config_text(method, paths, experts, extra))
+        configs[method] = path
+        return path
+
+    mask = os.path.join(workdir, f"bench-{tag}-somf.safetensors")
+    path = config("somf", f"  preference_data: {data}\n  mask: {mask}\n")
+    if not os.path.exists(mask):
+        _, request = request_from_config(path)
+        record = merge_methods.get("somf").artifact_record(request)
+        logits = {tensor_key("logits", n): torch.randn(s, generator=generator) for n, s in linear.items()}
+        write_artifact(mask, logits, record)
+
+    mask = os.path.join(workdir, f"bench-{tag}-ssah.safetensors")
+    config("ssah", f"  safety_data: {data}\n  utility_data: {data}\n  mask: {mask}\n")
+    if not os.path.exists(mask):
+        layout = UnitLayout.from_model_dir(paths["base"])
+        z = lambda: (  # noqa: E731
+            torch.randn(layout.num_layers, layout.num_heads, generator=generator),
+            torch.randn(layout.num_layers, layout.intermediate_size, generator=generator),
+        )
+        write_scores_artifact(mask, UnitScores.from_scores(layout, z(), z()), paths["base"],
+                              {"safety_data": data, "utility_data": data})
+
+    mask = os.path.join(workdir, f"bench-{tag}-antidote.safetensors")
+    path = config("antidote", f"  harmful_data: {data}\n  mask: {mask}\n")
+    if not os.path.exists(mask):
+        _, request = request_from_config(path)
+        record = merge_methods.get("antidote").artifact_record(request)
+        keep = {
+            tensor_key("post_keep", n): ~top_alpha_per_row(torch.rand(s, generator=generator), 0.05)
+            for n, s in linear.items() if "lm_head" not in n
+        }
+        write_artifact(mask, keep, record)
+    return configs
+
+
 # --------------------------------------------------------------------------- one run
 
 
@@ -181,6 +250,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=os.path.join("benchmarks", ".work"))
     parser.add_argument("--json", default=os.path.join("benchmarks", "results", "merge.json"))
     parser.add_argument("--run-one", nargs=3, metavar=("KIND", "CONFIG", "OUT"))
+    parser.add_argument("--only", default="", help="comma-separated run labels (or their first words, e.g. 'io_floor,mergekit task_arithmetic,somf')")
     parser.add_argument(
         "--scaling",
         action="store_true",
@@ -213,6 +283,13 @@ def main() -> None:
             config_text("masked_fusion", paths, args.experts, f"  backbone: ties\n  mask: {mask}\n", density=True),
         ),
     }
+    methods = write_method_artifacts(args.workdir, paths, args.experts, f"{args.size}-{args.experts}")
+    for method, path in methods.items():
+        with open(path) as handle:
+            runs[f"{method} task_arithmetic + artifact"] = ("merge", handle.read())
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",")]
+        runs = {k: v for k, v in runs.items() if any(w == k or k.startswith(w + " ") for w in wanted)}
     results = {}
     for label, (kind, text) in runs.items():
         config_path = os.path.join(args.workdir, label.replace(" ", "_").replace("+", "plus") + ".yml")
@@ -227,15 +304,20 @@ def main() -> None:
     table = [
         ("masked_fusion task_arithmetic", "mergekit task_arithmetic", 1.25),
         ("masked_fusion task_arithmetic + mask", "mergekit task_arithmetic", 1.25),
+        ("somf task_arithmetic + artifact", "mergekit task_arithmetic", 1.25),
+        ("ssah task_arithmetic + artifact", "mergekit task_arithmetic", 1.25),
+        ("antidote task_arithmetic + artifact", "mergekit task_arithmetic", 1.25),
         ("masked_fusion ties + mask", "mergekit ties", 1.25),
         ("masked_fusion task_arithmetic + mask", "io_floor", 1.5),
+        ("mergekit task_arithmetic", "io_floor", None),
     ]
+    table = [row for row in table if row[0] in results and row[1] in results]
     print(f"\nmodel size {args.size}, base + {args.experts} experts, bf16, {os.cpu_count()} CPU cores")
     print(f"{'ours':<40} {'reference':<26} {'time ×':>7} {'RSS ×':>7} {'target':>7}")
     summary = []
     for ours, reference, target in table:
         t, m = ratio(ours, reference, "seconds"), ratio(ours, reference, "peak_rss_mb")
-        print(f"{ours:<40} {reference:<26} {t:7.2f} {m:7.2f} {target:7.2f}")
+        print(f"{ours:<40} {reference:<26} {t:7.2f} {m:7.2f} {'—' if target is None else f'{target:.2f}':>7}")
         summary.append({"ours": ours, "reference": reference, "time_ratio": t, "rss_ratio": m, "target": target})
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as handle:

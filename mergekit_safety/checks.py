@@ -330,15 +330,19 @@ def check_config_file(path: str) -> List[Problem]:
 
 # --------------------------------------------------------------------------- plan time
 
-_checked_configs: set = set()
+# configs already checked, by id — with the config itself kept alive, so that a freed
+# config's id reused by a new one can never skip the new one's check
+_checked_configs: Dict[int, Any] = {}
 
 
 def check_at_plan_time(config: Any) -> None:
     """Run the same checks on the MergeConfiguration mergekit is planning; raise on problems."""
     key = id(config)
-    if key in _checked_configs:
+    if _checked_configs.get(key) is config:
         return
-    _checked_configs.add(key)
+    if len(_checked_configs) > 64:  # a long-lived process merging many configs
+        _checked_configs.clear()
+    _checked_configs[key] = config
     raw = config.model_dump(mode="json", exclude_none=True)
     if not raw.get("models") and raw.get("modules"):
         # mergekit has already normalised `models:` into modules/slices; read them back

@@ -123,13 +123,19 @@ def fuse(
         zero = masks.expert_zero[index] if index < len(masks.expert_zero) else None
         if zero is not None:
             expert = torch.where(zero.bool(), torch.zeros_like(expert), expert)
-        delta = expert - base
         keep = masks.keep[index] if index < len(masks.keep) else None
-        if keep is not None:
-            delta = delta * keep
-            if masks.keep_rescale:
-                density = keep.float().mean()
-                delta = delta / density if density > 0 else torch.zeros_like(delta)
+        if expert.dtype == base.dtype:
+            # write τ_i straight into its slot and mask it in place: no temporary per expert
+            delta = torch.sub(expert, base, out=deltas[index])
+            if keep is not None:
+                delta.mul_(keep)
+        else:
+            delta = expert - base
+            if keep is not None:
+                delta = delta * keep
+        if keep is not None and masks.keep_rescale:
+            density = keep.float().mean()
+            delta = delta / density if density > 0 else torch.zeros_like(delta)
         if definition.sparsification is not None:
             delta = sparsify(
                 delta,
@@ -137,7 +143,8 @@ def fuse(
                 method=definition.sparsification,
                 rescale_norm=RescaleNorm.l1 if rescale else None,
             )
-        deltas[index] = delta
+        if delta.data_ptr() != deltas[index].data_ptr():
+            deltas[index] = delta
         del delta
 
     weight_tensor = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)

@@ -102,3 +102,18 @@ def test_same_checks_run_at_mergekit_plan_time(family, tmp_path):
     with pytest.raises(ConfigCheckError, match="unknown parameter 'mask_flie'"):
         run_yaml(text, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+def test_plan_time_check_is_not_skipped_for_a_new_config_with_a_reused_id(family, tmp_path, monkeypatch):
+    # Python reuses the id of a freed object: a config planned after another one was freed
+    # may get its id. The plan-time check must still run for it (this was a real flake).
+    import yaml
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_safety import checks
+
+    text = merge_yaml("masked_fusion", family, ["expert0", "expert1"], "  mask: nowhere.safetensors\n")
+    config = MergeConfiguration.model_validate(yaml.safe_load(text))
+    monkeypatch.setitem(checks._checked_configs, id(config), object())  # a freed config's entry
+    with pytest.raises(ConfigCheckError, match="nowhere.safetensors"):
+        checks.check_at_plan_time(config)
