@@ -119,13 +119,19 @@ def fuse(
     masks = masks or TensorMasks()
 
     deltas = base.new_empty((count, *base.shape))
+    last_keep, density = None, None
     for index, expert in enumerate(experts):
         zero = masks.expert_zero[index] if index < len(masks.expert_zero) else None
         if zero is not None:
             expert = torch.where(zero.bool(), torch.zeros_like(expert), expert)
         keep = masks.keep[index] if index < len(masks.keep) else None
-        if expert.dtype == base.dtype:
+        differentiable = torch.is_grad_enabled() and (
+            expert.requires_grad or base.requires_grad or (keep is not None and keep.requires_grad)
+        )
+        if expert.dtype == base.dtype and not differentiable:
             # write τ_i straight into its slot and mask it in place: no temporary per expert
+            # (not when autograd tracks the inputs, e.g. SOMF's mask logits: out= is not
+            # differentiable, so that path keeps the out-of-place ops below)
             delta = torch.sub(expert, base, out=deltas[index])
             if keep is not None:
                 delta.mul_(keep)
@@ -134,7 +140,8 @@ def fuse(
             if keep is not None:
                 delta = delta * keep
         if keep is not None and masks.keep_rescale:
-            density = keep.float().mean()
+            if keep is not last_keep:  # SOMF shares one mask: its density is computed once
+                last_keep, density = keep, keep.float().mean()
             delta = delta / density if density > 0 else torch.zeros_like(delta)
         if definition.sparsification is not None:
             delta = sparsify(

@@ -256,9 +256,14 @@ class SOMF(LocatingMaskedFusion):
                 f"{artifact.path}: logits {key!r} have shape {list(shape)} but tensor {name} has "
                 f"shape {list(base.shape)} — the artifact was made for other models; recompute it"
             )
-        mask = mask_from_logits(artifact.get(key), parameters.get("mask_mode", "binary"), name, int(parameters.get("control_seed", 0)))
-        if parameters.get("control", "none") == "random":
-            mask = random_control_mask(mask, name, int(parameters.get("control_seed", 0)))
-        mask = mask.to(device=base.device, dtype=base.dtype)
+        mode = parameters.get("mask_mode", "binary")
+        if mode == "binary" and parameters.get("control", "none") != "random":
+            # the same 1[s > 0] as mask_from_logits, straight to the merge dtype (no float copy)
+            mask = (artifact.get(key) > 0).to(device=base.device, dtype=base.dtype)
+        else:
+            mask = mask_from_logits(artifact.get(key), mode, name, int(parameters.get("control_seed", 0)))
+            if parameters.get("control", "none") == "random":
+                mask = random_control_mask(mask, name, int(parameters.get("control_seed", 0)))
+            mask = mask.to(device=base.device, dtype=base.dtype)
         keep_rescale = bool(artifact.metadata.settings.get("keep_rescale", parameters.get("keep_rescale", True)))
         return TensorMasks(keep=[mask] * len(group.non_base), keep_rescale=keep_rescale)

@@ -65,7 +65,7 @@ from mergekit_safety.units import (
     layout_parameter_count,
     random_like,
     split_flat,
-    unit_mask,
+    unit_axis,
     unit_parameter_count,
 )
 
@@ -496,12 +496,16 @@ class SSAHMethod(LocatingMaskedFusion):
         name = group.metadata.name
         base = group.base.tensor
         try:
-            protect = unit_mask(name, base.shape, units, scores.layout, parameters["kv_policy"])
+            found = unit_axis(name, base.shape, units, scores.layout, parameters["kv_policy"])
         except UnitError as error:
             raise ArtifactError(f"{artifact.path}: {error}") from None
-        if protect is None:
+        if found is None:
             return TensorMasks()
-        return TensorMasks(post_keep=(~protect).to(device=base.device, dtype=base.dtype))
+        dim, protect = found
+        # a row (or column) vector that broadcasts over the tensor: the same mask as
+        # unit_mask() without materialising one entry per weight
+        view = (-1,) + (1,) * (base.dim() - 1) if dim == 0 else (1, -1)
+        return TensorMasks(post_keep=(~protect).view(view).to(device=base.device, dtype=base.dtype))
 
 
 # --------------------------------------------------------------------------- inspection
