@@ -217,3 +217,20 @@ def test_dare_seed_is_reproducible():
     other = merge_state_dicts(dicts, get("masked_fusion"), base=0, parameters={**parameters, "seed": 4})["w"]
     assert torch.equal(first, second)
     assert not torch.equal(first, other)
+
+
+def test_fuse_is_differentiable_in_the_mask():
+    # SOMF learns its mask through fuse(); the in-place fast path must not be taken then
+    from mergekit_safety.core import TensorMasks, fuse
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 5, generator=generator)
+    experts = [torch.randn(4, 5, generator=generator) for _ in range(2)]
+    logits = torch.zeros(4, 5, requires_grad=True)
+    keep = torch.sigmoid(logits)
+    fused = fuse(base, experts, masks=TensorMasks(keep=[keep, keep]))
+    fused.sum().backward()
+    expected = 0.25 * sum(e - base for e in experts)  # σ'(0) = 1/4
+    torch.testing.assert_close(logits.grad, expected)
+    with torch.no_grad():  # and the fast path gives the same value
+        torch.testing.assert_close(fuse(base, experts, masks=TensorMasks(keep=[keep.detach()] * 2)), fused.detach())
