@@ -297,6 +297,10 @@ class Antidote(LocatingMaskedFusion):
                     role = "keep" if index is not None else "post_keep"
                     tensors[tensor_key(role, name, index)] = ~selected
                 del weight, scores, selected
+                # unmap what was read for this tensor: pages of memory-mapped shards count in
+                # the resident set until their handle closes (docs/performance_calibration.md)
+                source.release()
+                base.release()
         extra = {
             "selected_entries": selected_total,
             "selected_fraction": selected_total / max(entries_total, 1),

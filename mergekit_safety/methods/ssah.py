@@ -410,7 +410,7 @@ def input_variances(model_dir: str, data_path: str, layout: UnitLayout, settings
             variances.append(stats[name].variance)
             weights.append(column_norms_sq(source.get(name)))  # not the weight: O(in) memory
             tokens = stats[name].count
-    source.release()  # unmap the shards: only the column norms are kept
+        source.release()  # unmap the shard pages read for this layer: only the norms are kept
     if not tokens:
         raise UnitError(f"{data_path}: no {'response ' if settings.response_only else ''}tokens to score units on")
     return InputStatistics(
