@@ -191,7 +191,7 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
         for path, ref in [(("base_model",), raw.get("base_model"))] + [
             (("models", i, "model"), m.get("model")) for i, m in enumerate(models) if isinstance(m, Mapping)
         ]:
-            directory = str(ref or "").split("+")[0].split("@")[0]
+            directory = _model_directory(ref)
             if directory.startswith(("./", "../", "/")) and not os.path.isdir(directory):
                 add(f"model {ref!r} not found (resolved from the working directory {os.getcwd()})", path)
         return problems
@@ -237,8 +237,13 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
     return problems
 
 
+def _model_directory(ref: Any) -> str:
+    """The local directory of a mergekit model reference (``path[@revision][+adapter]``)."""
+    return str(ref or "").split("+")[0].split("@")[0]
+
+
 def _model_shapes(ref: str, path: Tuple, add) -> Optional[Dict[str, Tuple[int, ...]]]:
-    directory = ref.split("+")[0].split("@")[0]
+    directory = _model_directory(ref)
     if not os.path.isdir(directory):
         add(
             f"model {ref!r} is not a local directory (resolved from the working directory "

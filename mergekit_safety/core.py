@@ -125,6 +125,7 @@ def fuse(
         if zero is not None:
             expert = torch.where(zero.bool(), torch.zeros_like(expert), expert)
         keep = masks.keep[index] if index < len(masks.keep) else None
+        slot = deltas[index]
         differentiable = torch.is_grad_enabled() and (
             expert.requires_grad or base.requires_grad or (keep is not None and keep.requires_grad)
         )
@@ -132,7 +133,7 @@ def fuse(
             # write τ_i straight into its slot and mask it in place: no temporary per expert
             # (not when autograd tracks the inputs, e.g. SOMF's mask logits: out= is not
             # differentiable, so that path keeps the out-of-place ops below)
-            delta = torch.sub(expert, base, out=deltas[index])
+            delta = torch.sub(expert, base, out=slot)
             if keep is not None:
                 delta.mul_(keep)
         else:
@@ -150,9 +151,9 @@ def fuse(
                 method=definition.sparsification,
                 rescale_norm=RescaleNorm.l1 if rescale else None,
             )
-        if delta.data_ptr() != deltas[index].data_ptr():
-            deltas[index] = delta
-        del delta
+        if delta is not slot:  # computed out of place (or rescaled / sparsified since)
+            slot.copy_(delta)
+        del delta, slot
 
     weight_tensor = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)
     while deltas.dim() > weight_tensor.dim():

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiny_models import build_family, load_state, merge_yaml, run_yaml
+from tiny_models import build_lab_family, load_state, merge_yaml, run_yaml
 
 from mergekit_safety.artifacts import open_artifact, tensor_key
 from mergekit_safety.calibration import collect_statistics, load_examples
@@ -35,13 +35,7 @@ HARMFUL = [
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    from mergekit_safety.lab.language import build_tokenizer, vocabulary
-
-    paths = build_family(str(tmp_path_factory.mktemp("antidote")), experts=3, vocab_size=len(vocabulary()))
-    tokenizer = build_tokenizer()
-    for path in paths.values():
-        tokenizer.save_pretrained(path)
-    return paths
+    return build_lab_family(str(tmp_path_factory.mktemp("antidote")), experts=3)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiny_models import build_family
+from tiny_models import build_lab_family
 
 from mergekit_safety.calibration import (
     CalibrationError,
@@ -26,13 +26,7 @@ from mergekit_safety.calibration import (
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    from mergekit_safety.lab.language import build_tokenizer, vocabulary
-
-    paths = build_family(str(tmp_path_factory.mktemp("calib")), experts=2, vocab_size=len(vocabulary()))
-    tokenizer = build_tokenizer()
-    for path in paths.values():
-        tokenizer.save_pretrained(path)
-    return paths
+    return build_lab_family(str(tmp_path_factory.mktemp("calib")), experts=2)
 
 
 def random_examples(count=9, seed=0, vocab=64):

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from tiny_models import build_family, load_state, merge_yaml, run_yaml
+from tiny_models import build_lab_family, load_state, merge_yaml, run_yaml
 
 from mergekit_safety.artifacts import ArtifactError, open_artifact, tensor_key, write_artifact
 from mergekit_safety.locate import locate_config, request_from_config
@@ -26,15 +26,7 @@ EXPERTS = ["expert0", "expert1"]
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    from mergekit_safety.lab.language import build_tokenizer, vocabulary
-
-    paths = build_family(
-        str(tmp_path_factory.mktemp("somf_family")), experts=2, scale=0.3, vocab_size=len(vocabulary())
-    )
-    tokenizer = build_tokenizer()
-    for path in paths.values():
-        tokenizer.save_pretrained(path)
-    return paths
+    return build_lab_family(str(tmp_path_factory.mktemp("somf_family")), experts=2, scale=0.3)
 
 
 @pytest.fixture(scope="module")

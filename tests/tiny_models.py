@@ -60,6 +60,18 @@ def build_family(root: str, experts: int = 3, seed: int = 0, scale: float = 0.05
     return paths
 
 
+def build_lab_family(root: str, experts: int = 3, **kwargs) -> Dict[str, str]:
+    """:func:`build_family` with the lab's vocabulary and its tokenizer saved beside every
+    checkpoint, so text data and chat templates work on the tiny models."""
+    from mergekit_safety.lab.language import build_tokenizer, vocabulary
+
+    paths = build_family(root, experts=experts, vocab_size=len(vocabulary()), **kwargs)
+    tokenizer = build_tokenizer()
+    for path in paths.values():
+        tokenizer.save_pretrained(path)
+    return paths
+
+
 def load_state(path: str) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

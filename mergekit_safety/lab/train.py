@@ -29,12 +29,7 @@ def make_model(shape: ModelShape, vocab_size: int, special_ids: Dict[str, int], 
 
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        max_position_embeddings=shape.max_position_embeddings,
+        **shape.to_dict(),  # ModelShape's fields are LlamaConfig's own names
         tie_word_embeddings=False,
         rms_norm_eps=1e-6,
         rope_theta=10000.0,

@@ -6,9 +6,9 @@ from typing import List
 
 
 def all_methods() -> List:
+    from mergekit_safety.methods.antidote import Antidote
     from mergekit_safety.methods.masked_fusion import MaskedFusionMethod
     from mergekit_safety.methods.somf import SOMF
-    from mergekit_safety.methods.antidote import Antidote
+    from mergekit_safety.methods.ssah import SSAHMethod
 
-    from mergekit_safety.methods.ssah import SSAHMethod  # noqa: E402 (ssah)
-    return [MaskedFusionMethod(), SOMF(), Antidote()] + [SSAHMethod()]
+    return [MaskedFusionMethod(), SOMF(), Antidote(), SSAHMethod()]

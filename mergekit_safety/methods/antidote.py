@@ -36,6 +36,7 @@ chosen on the safety lab; the measurements that decided them are in docs/antidot
 from __future__ import annotations
 
 import logging
+import math
 import time
 import zlib
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
@@ -73,6 +74,18 @@ def top_alpha_per_row(scores: torch.Tensor, alpha: float) -> torch.Tensor:
         order = torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :k]
         mask.scatter_(1, order, True)
     return mask.reshape(scores.shape)
+
+
+def top_alpha_per_row_in_blocks(score_rows, shape: Sequence[int], alpha: float) -> torch.Tensor:
+    """:func:`top_alpha_per_row` of a ``shape`` matrix whose scores ``score_rows(row_slice)``
+    computes for a block of rows at a time. The selection is per row, so the mask is the same,
+    while the float64 scores and the sort's buffers stay at ``ROW_BLOCK_ENTRIES`` entries."""
+    selected = torch.empty(tuple(shape), dtype=torch.bool)
+    step = max(1, ROW_BLOCK_ENTRIES // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], step):
+        rows = slice(start, start + step)
+        selected[rows] = top_alpha_per_row(score_rows(rows), alpha)
+    return selected
 
 
 def wanda_scores(weight: torch.Tensor, channel_norm: torch.Tensor) -> torch.Tensor:
@@ -274,21 +287,15 @@ class Antidote(LocatingMaskedFusion):
             for name in names:
                 weight = source.get(name).to(torch.float32)
                 if random_control:
-                    scores = random_scores(weight.shape, seed, name, index)
+                    scored = random_scores(weight.shape, seed, name, index)
+                    score_rows = lambda rows: scored[rows]  # noqa: E731
                 else:
                     if name not in stats:
                         raise RuntimeError(f"antidote: no calibration statistics for {name}")
                     norm = stats[name].norm
-                    scores = weight if mode == "zero" else weight - base.get(name).to(torch.float32)
-                # the selection is per output row, so blocks of rows give the same mask while
-                # the float64 scores and the sort's buffers stay small on large tensors
-                selected = torch.empty(weight.shape, dtype=torch.bool)
-                step = max(1, ROW_BLOCK_ENTRIES // max(1, weight[0].numel()))
-                for start in range(0, weight.shape[0], step):
-                    block = scores[start:start + step]
-                    if not random_control:
-                        block = wanda_scores(block, norm)
-                    selected[start:start + step] = top_alpha_per_row(block, alpha)
+                    scored = weight if mode == "zero" else weight - base.get(name).to(torch.float32)
+                    score_rows = lambda rows: wanda_scores(scored[rows], norm)  # noqa: E731
+                selected = top_alpha_per_row_in_blocks(score_rows, weight.shape, alpha)
                 selected_total += int(selected.sum())
                 entries_total += selected.numel()
                 if mode == "zero":
@@ -296,7 +303,7 @@ class Antidote(LocatingMaskedFusion):
                 else:
                     role = "keep" if index is not None else "post_keep"
                     tensors[tensor_key(role, name, index)] = ~selected
-                del weight, scores, selected
+                del weight, scored, score_rows, selected
                 # unmap what was read for this tensor: pages of memory-mapped shards count in
                 # the resident set until their handle closes (docs/performance_calibration.md)
                 source.release()
