@@ -9,14 +9,14 @@ bench_streaming.py). Each measured run executes in a fresh subprocess (peak RSS 
 times only the work (not interpreter start-up and imports), and is repeated ``--repeats``
 times (best time, max RSS).
 
-1. Activation statistics (:func:`mergekit_safety.calibration.collect_statistics`: every Linear
+1. Activation statistics (:func:`mergekit_safety.engine.calibration.collect_statistics`: every Linear
    of every decoder layer, all tokens — Antidote's and SSAH's pass), **in-memory** and
    **streaming**, against a plain ``torch.no_grad`` forward of the same model over the same
    padded batches: the decoder (``model.model``, the same layers the statistics pass runs) and
    the full causal LM (with the output head). The reference is timed as load
    (``from_pretrained``) + forward, the way the statistics pass also loads its weights; the
    forward alone is reported too. Target: statistics time ≤ 1.3 × reference.
-2. SOMF mask learning (:mod:`mergekit_safety.somf_training`): one optimisation step — Concrete
+2. SOMF mask learning (:mod:`mergekit_safety.methods.somf.training`): one optimisation step — Concrete
    sample of every mask, masked fusion of every masked tensor (``core.fuse``), forward,
    DPO loss, backward to the logits, clip, AdamW — against a plain forward + backward of the
    same model (every weight trainable) on the same batch and the same loss, with a breakdown
@@ -77,7 +77,7 @@ def random_examples(samples: int, length: int, vocab: int, seed: int = 0):
 def run_statistics(spec: dict, streaming: bool) -> dict:
     import torch  # noqa: F401
 
-    from mergekit_safety.calibration import collect_statistics
+    from mergekit_safety.engine.calibration import collect_statistics
 
     examples = random_examples(spec["samples"], spec["length"], spec["vocab"])
     with MemoryProbe() as probe:
@@ -95,7 +95,7 @@ def run_forward(spec: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mergekit_safety.data import batches
+    from mergekit_safety.engine.data import batches
 
     examples = random_examples(spec["samples"], spec["length"], spec["vocab"])
     with MemoryProbe() as probe:
@@ -126,7 +126,7 @@ def run_forward(spec: dict) -> dict:
 def _somf_batch(spec: dict):
     import torch
 
-    from mergekit_safety.data import collate
+    from mergekit_safety.engine.data import collate
 
     examples = random_examples(2 * spec["pairs"], spec["length"], spec["vocab"], seed=1)
     batch = collate(examples, 0)
@@ -136,8 +136,8 @@ def _somf_batch(spec: dict):
 def run_somf(spec: dict) -> dict:
     import torch
 
-    from mergekit_safety.methods.somf import SOMFSettings
-    from mergekit_safety.somf_training import FunctionalFusion, dpo_loss, sequence_logps
+    from mergekit_safety.methods.somf.method import SOMFSettings
+    from mergekit_safety.methods.somf.training import FunctionalFusion, dpo_loss, sequence_logps
 
     torch.manual_seed(0)
     experts = spec["experts"]
@@ -191,7 +191,7 @@ def run_plain_step(spec: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mergekit_safety.somf_training import sequence_logps
+    from mergekit_safety.methods.somf.training import sequence_logps
 
     ids, att, resp = _somf_batch(spec)
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()
@@ -220,8 +220,8 @@ def run_one(kind: str, spec_path: str) -> dict:
     import transformers.models.llama.modeling_llama  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
 
-    import mergekit_safety.calibration  # noqa: F401
-    import mergekit_safety.data  # noqa: F401
+    import mergekit_safety.engine.calibration  # noqa: F401
+    import mergekit_safety.engine.data  # noqa: F401
 
     if kind == "forward":
         return run_forward(spec)

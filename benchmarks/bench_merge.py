@@ -97,8 +97,8 @@ def config_text(method: str, paths: dict, experts: int, extra: str = "", density
 def write_keep_mask(path: str, paths: dict, experts: int) -> None:
     import torch
 
-    from mergekit_safety.artifacts import ArtifactMetadata, ModelIdentity, tensor_key, write_artifact
-    from mergekit_safety.checks import safetensors_shapes
+    from mergekit_safety.fusion.artifacts import ArtifactMetadata, ModelIdentity, tensor_key, write_artifact
+    from mergekit_safety.plugin.checks import safetensors_shapes
 
     if os.path.exists(path):
         return
@@ -128,12 +128,12 @@ def write_method_artifacts(workdir: str, paths: dict, experts: int, tag: str) ->
 
     from mergekit import merge_methods
 
-    from mergekit_safety.artifacts import tensor_key, write_artifact
-    from mergekit_safety.checks import safetensors_shapes
-    from mergekit_safety.locate import request_from_config
+    from mergekit_safety.fusion.artifacts import tensor_key, write_artifact
+    from mergekit_safety.plugin.checks import safetensors_shapes
+    from mergekit_safety.plugin.config import request_from_config
     from mergekit_safety.methods.antidote import top_alpha_per_row
-    from mergekit_safety.methods.ssah import UnitScores, write_scores_artifact
-    from mergekit_safety.units import UnitLayout
+    from mergekit_safety.methods.ssah.method import UnitScores, write_scores_artifact
+    from mergekit_safety.methods.ssah.units import UnitLayout
 
     data = os.path.join(workdir, "bench-data.jsonl")
     if not os.path.exists(data):

@@ -9,7 +9,7 @@ Builds random-weight Llamas (hidden 2048, intermediate 5632, 16 heads / 4 K/V he
 checkpoint, with a word-level tokenizer; cached under --workdir) and runs, each in a fresh
 subprocess:
 
-* ``engine``: :func:`mergekit_safety.calibration.collect_statistics` in streaming mode, every
+* ``engine``: :func:`mergekit_safety.engine.calibration.collect_statistics` in streaming mode, every
   Linear of every decoder layer (what Antidote runs on one model);
 * ``ssah``: ``mergekit-safety locate`` of an SSAH config (two calibration passes, safety and
   utility, then unit scores and labels);
@@ -294,7 +294,7 @@ def run_one(kind: str, spec_path: str) -> dict:
     import transformers  # noqa: F401
 
     if kind == "engine":
-        from mergekit_safety.calibration import collect_statistics, load_examples
+        from mergekit_safety.engine.calibration import collect_statistics, load_examples
 
         examples = load_examples(spec["data"]["harmful"], spec["samples"])
         before = baseline_rss_mb()
@@ -308,7 +308,7 @@ def run_one(kind: str, spec_path: str) -> dict:
         tokens = next(iter(stats.values())).count
     else:
         import mergekit.merge_methods  # noqa: F401  registration
-        from mergekit_safety.locate import locate_config as locate
+        from mergekit_safety.plugin.config import locate_config as locate
 
         if os.path.exists(spec["artifact"]):
             os.remove(spec["artifact"])

@@ -2,7 +2,49 @@
 
 from __future__ import annotations
 
+from typing import Any, List
+
 import click
+
+
+def settings_options(settings_class: Any, names: List[str]):
+    """Click options for the named parameters of a method's settings (type, range, default
+    and help come from the settings: their single declaration)."""
+    from typing import Literal, get_args, get_origin
+
+    from typing_extensions import Annotated
+
+    def click_type(value_type):
+        origin = get_origin(value_type)
+        if origin is Annotated:
+            inner, *constraints = get_args(value_type)
+            bounds = {}
+            for constraint in constraints:
+                for key in ("ge", "le"):
+                    if hasattr(constraint, key):
+                        bounds["min" if key == "ge" else "max"] = getattr(constraint, key)
+            if inner is float:
+                return click.FloatRange(bounds.get("min"), bounds.get("max"))
+            if inner is int:
+                return click.IntRange(bounds.get("min"), bounds.get("max"))
+            return click_type(inner)
+        if origin is Literal:
+            return click.Choice([str(v) for v in get_args(value_type)])
+        return value_type
+
+    def decorate(function):
+        for parameter in reversed([settings_class.parameter(n) for n in names]):
+            option = "--" + parameter.name.replace("_", "-")
+            function = click.option(option, parameter.field, type=click_type(parameter.value_type),
+                                    default=parameter.default, show_default=True,
+                                    help=parameter.description)(function)
+        return function
+
+    return decorate
+
+
+
+from mergekit_safety.methods.ssah.config import ProtectSettings  # noqa: E402  (pydantic only)
 
 
 @click.group()
@@ -14,7 +56,7 @@ def main() -> None:
 @main.command("methods")
 def methods_command() -> None:
     """List this package's merge methods, their parameters and papers."""
-    from mergekit_safety.registration import describe_methods
+    from mergekit_safety.plugin.registration import describe_methods
 
     click.echo(describe_methods())
 
@@ -23,7 +65,7 @@ def methods_command() -> None:
 @click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 def check_command(configs) -> None:
     """Validate merge CONFIGS before any tensor is loaded (one line per problem)."""
-    from mergekit_safety.checks import check_config_file
+    from mergekit_safety.plugin.checks import check_config_file
 
     failed = False
     for config in configs:
@@ -43,8 +85,8 @@ def check_command(configs) -> None:
 @click.option("--force", is_flag=True, help="Recompute even if a current artifact exists.")
 def locate_command(config: str, force: bool) -> None:
     """Compute the artifact (masks/scores) a merge CONFIG needs, where it says."""
-    from mergekit_safety.artifacts import ArtifactError
-    from mergekit_safety.locate import locate_config
+    from mergekit_safety.fusion.artifacts import ArtifactError
+    from mergekit_safety.plugin.config import locate_config
 
     try:
         path = locate_config(config, force=force)
@@ -57,22 +99,17 @@ def locate_command(config: str, force: bool) -> None:
 @click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
 @click.option("--png", default=None, help="Heat map PNG path (default: ARTIFACT with .png).")
 @click.option("--no-png", is_flag=True, help="Print the report only.")
-@click.option("--protect-share", type=click.FloatRange(0, 1), default=0.075, show_default=True)
-@click.option("--control", type=click.Choice(["none", "random"]), default="none", show_default=True)
-@click.option("--control-seed", type=int, default=0, show_default=True)
-@click.option("--kv-policy", type=click.Choice(["any", "all", "none"]), default="any", show_default=True)
-def inspect_command(artifact, png, no_png, protect_share, control, control_seed, kv_policy) -> None:
+@settings_options(ProtectSettings, ["protect_share", "control", "control_seed", "kv_policy"])
+def inspect_command(artifact, png, no_png, **protect) -> None:
     """Label shares per layer of an SSAH unit ARTIFACT, and a heat map of where safety lives."""
     import os
 
-    from mergekit_safety.artifacts import ArtifactError
-    from mergekit_safety.methods.ssah import ProtectSettings, inspect_artifact
+    from mergekit_safety.fusion.artifacts import ArtifactError
+    from mergekit_safety.methods.ssah.inspect import inspect_artifact
 
     if png is None and not no_png:
         png = os.path.splitext(artifact)[0] + ".png"
-    settings = ProtectSettings(
-        protect_share=protect_share, control=control, control_seed=control_seed, kv_policy=kv_policy
-    )
+    settings = ProtectSettings(**protect)
     try:
         click.echo(inspect_artifact(artifact, None if no_png else png, settings))
     except ArtifactError as error:
@@ -86,6 +123,10 @@ main.add_command(lab_command)
 main.add_command(eval_command)
 main.add_command(demo_command)
 # --- end lab commands ---
+
+from mergekit_safety.cli_data import data_command  # noqa: E402
+
+main.add_command(data_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,5 +15,5 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip
 "${PIP[@]}" install "$TORCH_SPEC"
-"${PIP[@]}" install -e ".[test]"
+"${PIP[@]}" install -e ".[test,lab]"
 echo "environment ready: $VENV"

@@ -19,10 +19,12 @@ def main(mode, config, out, kill_at, signal_name):
 
     from test_locate import ToyLocate
 
+    from mergekit_safety.plugin.adapter import MergekitMethod
+
     sig = getattr(signal, signal_name)
     method = ToyLocate()
     if method.name not in registry._METHODS:
-        registry.register(method)
+        registry.register(MergekitMethod(method))
 
     def die():
         os.kill(os.getpid(), sig)
@@ -47,19 +49,19 @@ def main(mode, config, out, kill_at, signal_name):
         safetensors.torch.save_file = half_write
     elif kill_at.startswith("tensor:"):
         limit = int(kill_at.split(":")[1])
-        original_merge = ToyLocate.merge_group
+        original_merge = ToyLocate.merge
         seen = []
 
-        def merge_group(self, group, **parameters):
-            seen.append(group.metadata.name)
+        def merge(self, inputs, parameters):
+            seen.append(inputs.name)
             if len(seen) == limit:
                 die()
-            return original_merge(self, group, **parameters)
+            return original_merge(self, inputs, parameters)
 
-        ToyLocate.merge_group = merge_group
+        ToyLocate.merge = merge
 
     if mode == "locate":
-        from mergekit_safety.locate import locate_config
+        from mergekit_safety.plugin.config import locate_config
 
         print(locate_config(config))
     else:

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 from tiny_models import build_lab_family, load_state, merge_yaml, run_yaml
 
-from mergekit_safety.artifacts import open_artifact, tensor_key
-from mergekit_safety.calibration import collect_statistics, load_examples
-from mergekit_safety.core import fuse
-from mergekit_safety.locate import locate_config
+from mergekit_safety.fusion.artifacts import open_artifact, tensor_key
+from mergekit_safety.engine.calibration import collect_statistics, load_examples
+from mergekit_safety.fusion.kernel import fuse
+from mergekit_safety.plugin.config import locate_config
 from mergekit_safety.methods.antidote import top_alpha_per_row, wanda_scores
 
 EXPERTS = ["expert0", "expert1"]
@@ -119,7 +119,8 @@ def expected_selection(family, harmful, model_dir, weights_of, base_state=None, 
 
 @pytest.mark.parametrize("row_block", [None, 1], ids=["whole-tensor", "one-row-blocks"])
 def test_fusion_reset_restores_the_selected_entries_to_the_aligned_model(family, harmful, tmp_path, monkeypatch, row_block):
-    from mergekit_safety.calibration import FusedSource, SafetensorsSource
+    from mergekit_safety.engine.calibration import SafetensorsSource
+    from mergekit_safety.fusion.sources import FusedSource
     from mergekit_safety.methods import antidote
 
     if row_block is not None:  # scoring in blocks of rows must select exactly the same entries
@@ -320,7 +321,7 @@ def test_lora_expert_references_are_merged_once_and_scored(family, harmful, tmp_
     base = load_state(family["base"])
     keep = artifact.get(tensor_key("keep", "model.layers.0.self_attn.q_proj.weight", 1))
     assert (~keep).sum(1).tolist() == [int(ALPHA * keep.shape[1])] * keep.shape[0]
-    from mergekit_safety.locate import resolve_model
+    from mergekit_safety.fusion.models import resolve_model
 
     experts = [load_state(family["expert0"]), load_state(resolve_model(lora_family["expert1"]))]
     name = "model.layers.0.self_attn.q_proj.weight"

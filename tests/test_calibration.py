@@ -12,16 +12,16 @@ from hypothesis import strategies as st
 
 from tiny_models import build_lab_family
 
-from mergekit_safety.calibration import (
+from mergekit_safety.engine.calibration import (
     CalibrationError,
     ChannelStats,
-    FusedSource,
     SafetensorsSource,
     collect_statistics,
     direct_statistics,
     linear_weight_names,
     load_examples,
 )
+from mergekit_safety.fusion.sources import FusedSource
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_stops_after_the_last_needed_layer(family):
 
 
 def test_text_examples_use_the_chat_template_and_response_tokens(family, tmp_path):
-    from mergekit_safety.data import encode_example
+    from mergekit_safety.engine.data import encode_example
     from transformers import AutoTokenizer
 
     path = tmp_path / "data.jsonl"
@@ -177,7 +177,7 @@ def test_text_examples_use_the_chat_template_and_response_tokens(family, tmp_pat
 
 def test_fused_source_streams_the_fusion(family):
     """Statistics of a fused model computed tensor by tensor equal those of the fused checkpoint."""
-    from mergekit_safety.core import fuse
+    from mergekit_safety.fusion.kernel import fuse
     from safetensors.torch import save_file
     import shutil
     import tempfile
@@ -220,7 +220,7 @@ def test_errors_name_the_problem(family, tmp_path):
         collect_statistics(family["base"], random_examples(2), weights=Missing(family["base"]), progress=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "copy apple"}\n')
-    from mergekit_safety.data import DataError
+    from mergekit_safety.engine.data import DataError
 
     with pytest.raises(DataError, match=r"bad.jsonl:1: missing key 'response'"):
         load_examples(str(bad))

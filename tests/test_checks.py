@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from tiny_models import build_family, merge_yaml, run_yaml, save_model, tiny_config
 
-from mergekit_safety.checks import ConfigCheckError, check_config_file
+from mergekit_safety.plugin.checks import ConfigCheckError, check_config_file
 from mergekit_safety.cli import main
 
 
@@ -110,7 +110,7 @@ def test_plan_time_check_is_not_skipped_for_a_new_config_with_a_reused_id(family
     import yaml
     from mergekit.config import MergeConfiguration
 
-    from mergekit_safety import checks
+    from mergekit_safety.plugin import checks
 
     text = merge_yaml("masked_fusion", family, ["expert0", "expert1"], "  mask: nowhere.safetensors\n")
     config = MergeConfiguration.model_validate(yaml.safe_load(text))

@@ -9,14 +9,14 @@ import torch
 
 from tiny_models import build_family, load_state, merge_yaml, run_yaml
 
-from mergekit_safety.artifacts import (
+from mergekit_safety.fusion.artifacts import (
     ArtifactError,
     ArtifactMetadata,
     ModelIdentity,
     tensor_key,
     write_artifact,
 )
-from mergekit_safety.core import BACKBONES, Backbone, TensorMasks, fuse
+from mergekit_safety.fusion.kernel import BACKBONES, Backbone, TensorMasks, fuse
 
 EXPERTS = ["expert0", "expert1", "expert2"]
 
@@ -221,7 +221,7 @@ def test_dare_seed_is_reproducible():
 
 def test_fuse_is_differentiable_in_the_mask():
     # SOMF learns its mask through fuse(); the in-place fast path must not be taken then
-    from mergekit_safety.core import TensorMasks, fuse
+    from mergekit_safety.fusion.kernel import TensorMasks, fuse
 
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(4, 5, generator=generator)

@@ -1,4 +1,4 @@
-"""mergekit_safety.data: JSONL errors with line numbers, encoding contract, batching, hashes."""
+"""mergekit_safety.engine.data: JSONL errors with line numbers, encoding contract, batching, hashes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from mergekit_safety.data import (
+from mergekit_safety.engine.data import (
     DataError,
     TruncationWarning,
     batches,

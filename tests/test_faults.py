@@ -12,7 +12,7 @@ import torch
 
 from tiny_models import build_family, load_state, merge_yaml
 
-from mergekit_safety.artifacts import open_artifact
+from mergekit_safety.fusion.artifacts import open_artifact
 
 WORKER = os.path.join(os.path.dirname(__file__), "fault_worker.py")
 

@@ -8,8 +8,8 @@ import torch
 from tiny_models import build_family, tiny_config
 
 from mergekit_safety.freezing import freeze_units, train_only_budget
-from mergekit_safety.methods.ssah import ProtectSettings, UnitScores, write_scores_artifact
-from mergekit_safety.units import UnitLayout, UnitSet, unit_mask
+from mergekit_safety.methods.ssah.method import ProtectSettings, UnitScores, write_scores_artifact
+from mergekit_safety.methods.ssah.units import UnitLayout, UnitSet, unit_mask
 
 LAYOUT = UnitLayout(2, 4, 2, 8, 64, 32)
 
@@ -236,8 +236,8 @@ def test_lab_freezing_keeps_more_refusals_under_benign_fine_tuning(quick_lab, tm
     7.5 % of units does not stop explicit harmful training (docs/ssah.md has the numbers); that
     is a measurement, not a property, so it is not asserted here.
     """
-    from mergekit_safety.freezing import lab_freezing_experiment
-    from mergekit_safety.methods.ssah import ScoreSettings, score_model
+    from mergekit_safety.lab.freezing_experiment import lab_freezing_experiment
+    from mergekit_safety.methods.ssah.method import ScoreSettings, score_model
 
     lab = quick_lab["path"]
     settings = ScoreSettings(

@@ -9,7 +9,7 @@ import torch
 
 from tiny_models import build_family, load_state, merge_yaml, run_yaml
 
-from mergekit_safety.checks import check_config_file
+from mergekit_safety.plugin.checks import check_config_file
 
 
 @pytest.fixture(scope="module")

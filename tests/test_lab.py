@@ -31,7 +31,7 @@ from mergekit_safety.lab.build import (
     reserved_prompts,
     training_mix,
 )
-from mergekit_safety.data import read_jsonl
+from mergekit_safety.engine.data import read_jsonl
 
 # ---------------------------------------------------------------- language (no lab needed)
 

@@ -10,26 +10,23 @@ import torch
 
 from tiny_models import build_family, load_state, merge_yaml, run_yaml
 
-from mergekit_safety.artifacts import ArtifactError, open_artifact, tensor_key
-from mergekit_safety.core import LocatingMaskedFusion
-from mergekit_safety.locate import locate_config
+from mergekit_safety.fusion.artifacts import ArtifactError, open_artifact, tensor_key
+from mergekit_safety.fusion.method import LocatingFusionMethod
+from mergekit_safety.fusion.settings import LocatingSettings, setting
+from mergekit_safety.plugin.config import locate_config
 
 
-class ToyLocate(LocatingMaskedFusion):
+class ToySettings(LocatingSettings):
+    data: str = setting("", "data file", data=True)
+    fraction: float = setting(1.0, "unused setting", locate=True)
+
+
+class ToyLocate(LocatingFusionMethod):
     """Restores the first `rows` rows of every 2-D tensor; `rows` is read from a data file."""
 
     name = "toy_locate_for_tests"
-    locate_parameters = ("data", "fraction")
-    data_parameters = ("data",)
+    settings = ToySettings
     calls = 0
-
-    def extra_parameters(self):
-        from mergekit_safety.core import _parameter
-
-        return (
-            _parameter("data", str, "", "data file"),
-            _parameter("fraction", float, 1.0, "unused setting"),
-        )
 
     def compute_artifact(self, request):
         type(self).calls += 1
@@ -47,8 +44,10 @@ class ToyLocate(LocatingMaskedFusion):
 def toy():
     from mergekit.merge_methods import registry
 
+    from mergekit_safety.plugin.adapter import MergekitMethod
+
     method = ToyLocate()
-    registry.register(method)
+    registry.register(MergekitMethod(method))
     yield method
     registry._METHODS.pop(method.name, None)
 

@@ -70,11 +70,11 @@ def test_registration_is_idempotent():
 
 
 def test_hook_fires_when_our_package_imports_mergekit_first():
-    # mergekit_safety.core importing mergekit triggers the hook mid-import: registration
+    # mergekit_safety.fusion.kernel importing mergekit triggers the hook mid-import: registration
     # must be deferred, not fail.
     result = run_python(
         "import warnings; warnings.simplefilter('error')\n"
-        "import mergekit_safety.core\n"
+        "import mergekit_safety.fusion.kernel\n"
         "import mergekit.merge_methods as m; print(m.get('masked_fusion').spec.name)"
     )
     assert result.returncode == 0, result.stderr

@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mergekit_safety.core import Backbone, TensorMasks, fuse
+from mergekit_safety.fusion.kernel import Backbone, TensorMasks, fuse
 
 SYMMETRIC = [Backbone.task_arithmetic, Backbone.ties, Backbone.mean]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -11,10 +11,10 @@ import torch
 
 from tiny_models import build_lab_family, load_state, merge_yaml, run_yaml
 
-from mergekit_safety.artifacts import ArtifactError, open_artifact, tensor_key, write_artifact
-from mergekit_safety.locate import locate_config, request_from_config
-from mergekit_safety.methods.somf import SOMF, SOMFSettings, mask_from_logits, random_control_mask
-from mergekit_safety.somf_training import (
+from mergekit_safety.fusion.artifacts import ArtifactError, open_artifact, tensor_key, write_artifact
+from mergekit_safety.plugin.config import locate_config, request_from_config
+from mergekit_safety.methods.somf.method import SOMF, SOMFSettings, mask_from_logits, random_control_mask
+from mergekit_safety.methods.somf.training import (
     FunctionalFusion,
     SOMFTrainingError,
     concrete_sample,
@@ -337,7 +337,7 @@ def test_dpo_reference_options(family, data):
     """`reference`: the unmasked fusion, the aligned (base) model, or none — each really used."""
     from transformers import AutoModelForCausalLM
 
-    from mergekit_safety.somf_training import encode_pairs, load_tokenizer, reference_logps, sequence_logps
+    from mergekit_safety.methods.somf.training import encode_pairs, load_tokenizer, reference_logps, sequence_logps
 
     tokenizer = load_tokenizer(family["base"])
     ids, att, resp, n = encode_pairs(data["pairs"], tokenizer, 64)

@@ -11,14 +11,15 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from tiny_models import build_family, load_state, merge_yaml, run_yaml
 
-from mergekit_safety.artifacts import ArtifactError, open_artifact
-from mergekit_safety.methods.ssah import (
+from mergekit_safety.fusion.artifacts import ArtifactError, open_artifact
+from mergekit_safety.methods.ssah.method import (
     CU, ESU, EUU, RU,
     LabelSettings, ProtectSettings, SSAHMethod, UnitScores,
-    classify, inspect_artifact, load_unit_scores, select_protected, share_count,
+    classify, load_unit_scores, select_protected, share_count,
     unit_scores, write_scores_artifact, zscore,
 )
-from mergekit_safety.units import (
+from mergekit_safety.methods.ssah.inspect import inspect_artifact
+from mergekit_safety.methods.ssah.units import (
     UnitError, UnitLayout, UnitSet, parse_tensor_name, random_like, unit_axis, unit_mask,
 )
 
@@ -325,7 +326,7 @@ def test_protected_units_stay_at_the_aligned_model(ssah_registered, family, tmp_
 def test_artifact_for_another_base_or_layout_is_refused(ssah_registered, family, tmp_path):
     other = build_family(str(tmp_path / "other"), experts=0, seed=9)
     mask = write_scores_artifact(str(tmp_path / "units.safetensors"), _synthetic_scores(), other["base"])
-    # refused at plan time (mergekit_safety.checks) or at the first tensor: both name the file
+    # refused at plan time (mergekit_safety.plugin.checks) or at the first tensor: both name the file
     with pytest.raises(ValueError, match=r"units.safetensors.*(base model differs|computed for base model)"):
         run_yaml(_ssah_yaml(family, mask), str(tmp_path / "a"))
     wrong = UnitLayout(2, 4, 2, 8, 48, 32)
@@ -366,7 +367,7 @@ def _direct_scores(model_dir, path):
     """Independent reference: whole model in memory, own hooks, response tokens only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_safety.data import encode_example, read_jsonl
+    from mergekit_safety.engine.data import encode_example, read_jsonl
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

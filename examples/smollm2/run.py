@@ -99,7 +99,7 @@ def make_data(folder: str, seed: int = 0, eval_per_skill: int = 25, eval_harmful
     Word tuples of the evaluation prompts never occur in any training or calibration set, and
     the evaluation's harmful requests use acts that no training/calibration set contains.
     """
-    from mergekit_safety.data import write_jsonl
+    from mergekit_safety.engine.data import write_jsonl
 
     rng = random.Random(seed)
     os.makedirs(folder, exist_ok=True)
@@ -233,7 +233,7 @@ def finetune(source: str, data: str, out: str, steps: int, lr: float, batch_size
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_safety.data import collate, encode_example, read_jsonl
+    from mergekit_safety.engine.data import collate, encode_example, read_jsonl
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -479,7 +479,7 @@ def main() -> None:
 def eval_subset(data_dir: str, out: str, per_skill: int, harmful: int) -> str:
     """The first ``per_skill`` benign prompts of every skill and the first ``harmful`` harmful
     prompts, as an eval data directory (CPU time: generation dominates the whole example)."""
-    from mergekit_safety.data import read_jsonl, write_jsonl
+    from mergekit_safety.engine.data import read_jsonl, write_jsonl
 
     os.makedirs(out, exist_ok=True)
     benign = read_jsonl(os.path.join(data_dir, "eval_benign.jsonl"))

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from mergekit_safety.data import file_hash, read_jsonl, write_jsonl
+from mergekit_safety.engine.data import file_hash, read_jsonl, write_jsonl
 from mergekit_safety.lab import language as L
 
 LAB_VERSION = 1
@@ -326,7 +326,7 @@ def plan_stages(recipe: Dict[str, Any]) -> Dict[str, Any]:
     return {"data": data, "models": models}
 
 
-def _special_ids() -> Dict[str, int]:
+def special_ids() -> Dict[str, int]:
     v = {w: i for i, w in enumerate(L.vocabulary())}
     return {"pad": v[L.PAD], "bos": v[L.BOS], "eos": v[L.EOS]}
 
@@ -411,14 +411,14 @@ def build_lab(
         t = time.time()
         examples = training_mix(kind, recipe, reserved, skill)
         if parent is None:
-            model = make_model(ModelShape(**recipe["shape"]), len(L.vocabulary()), _special_ids(), recipe["seed"])
+            model = make_model(ModelShape(**recipe["shape"]), len(L.vocabulary()), special_ids(), recipe["seed"])
         else:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(os.path.join(out, parent), dtype=torch.float32)
         cfg = TrainConfig(**recipe["pretrain" if kind == "pretrained" else "align" if kind == "aligned" else "expert"])
         log(f"{name}: training {cfg.steps} steps on {len(examples)} examples")
-        losses = train(model, examples, cfg, _special_ids()["pad"], seed=recipe["seed"] * 1000 + seed_offset,
+        losses = train(model, examples, cfg, special_ids()["pad"], seed=recipe["seed"] * 1000 + seed_offset,
                        desc=name, progress=progress)
         elapsed = time.time() - t
 

@@ -215,7 +215,10 @@ def render_text(result: Dict[str, Any]) -> str:
 
 
 def plot_safety_utility(rows: Dict[str, Dict[str, Any]], path: str, plain: Optional[str] = None) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("the demo's plot needs matplotlib: pip install 'mergekit-safety[lab]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

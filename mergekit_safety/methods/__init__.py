@@ -1,4 +1,7 @@
-"""One module per merge method; each subclasses the shared core (mergekit_safety.core)."""
+"""The merge methods: one module (or package) each, all built on :mod:`mergekit_safety.fusion`.
+
+Adding a method is one module and one line below (docs/adding_a_method.md).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,11 @@ from typing import List
 
 
 def all_methods() -> List:
+    """A fresh instance of every method this package registers in mergekit."""
     from mergekit_safety.methods.antidote import Antidote
     from mergekit_safety.methods.masked_fusion import MaskedFusionMethod
-    from mergekit_safety.methods.somf import SOMF
-    from mergekit_safety.methods.ssah import SSAHMethod
+    from mergekit_safety.methods.resta import RESTA
+    from mergekit_safety.methods.somf.method import SOMF
+    from mergekit_safety.methods.ssah.method import SSAHMethod
 
-    return [MaskedFusionMethod(), SOMF(), Antidote(), SSAHMethod()]
+    return [MaskedFusionMethod(), SOMF(), Antidote(), SSAHMethod(), RESTA()]

@@ -5,10 +5,10 @@ fine-tuning attack", arXiv 2408.09600 (ICML 2025).
 
 Locate step (one calibration pass over the *unpruned* model, as in the authors' code):
 statistics ‖X_j‖₂ of every input channel of the selected decoder-layer Linear modules on
-**harmful** prompt + harmful answer data (:mod:`mergekit_safety.calibration`), Wanda scores
+**harmful** prompt + harmful answer data (:mod:`mergekit_safety.engine.calibration`), Wanda scores
 h_ij = |W_ij|·‖X_j‖₂, and in each **output row** the top-α share of scores
 (``floor(α · in_features)`` entries per row, exactly) is selected. The selection is applied at
-merge time through the shared core (:func:`mergekit_safety.core.fuse`):
+merge time through the shared kernel (:func:`mergekit_safety.fusion.kernel.fuse`):
 
 ============  ===============================  =========================================  ======
 apply_to      mode ``zero`` (paper)            mode ``reset`` (task-vector form)          role
@@ -38,21 +38,25 @@ from __future__ import annotations
 import logging
 import math
 import time
-import zlib
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
-from pydantic import Field
-from typing_extensions import Annotated
 
-from mergekit_safety.artifacts import tensor_key
-from mergekit_safety.core import Backbone, LocatingMaskedFusion, UnitInterval, _parameter
-from mergekit_safety.locate import LocateRequest, resolve_model
+from mergekit_safety.engine.seeding import tensor_seed
+from mergekit_safety.fusion.artifacts import tensor_key
+from mergekit_safety.fusion.kernel import Backbone
+from mergekit_safety.fusion.locate import LocateRequest
+from mergekit_safety.fusion.method import LocatingFusionMethod
+from mergekit_safety.fusion.models import resolve_model
+from mergekit_safety.fusion.settings import (
+    LocatingSettings,
+    NonNegativeInt,
+    PositiveInt,
+    UnitInterval,
+    setting,
+)
 
 logger = logging.getLogger(__name__)
-
-NonNegativeInt = Annotated[int, Field(ge=0)]
-PositiveInt = Annotated[int, Field(ge=1)]
 
 DEFAULT_ALPHA = 0.05
 ROW_BLOCK_ENTRIES = 1 << 22  # entries scored and sorted at once (≈ 100 MB of float64 + indices)
@@ -99,26 +103,64 @@ def wanda_scores(weight: torch.Tensor, channel_norm: torch.Tensor) -> torch.Tens
 
 def random_scores(shape: Sequence[int], seed: int, name: str, expert: Optional[int] = None) -> torch.Tensor:
     """Seeded uniform scores for the random control (independent of execution order)."""
-    salt = zlib.crc32(f"{name}@{'fusion' if expert is None else expert}".encode())
-    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + salt) % (2**63))
+    generator = torch.Generator().manual_seed(tensor_seed(seed, f"{name}@{'fusion' if expert is None else expert}"))
     return torch.rand(tuple(shape), generator=generator, dtype=torch.float64)
 
 
-def _tokenizer_for(model: Any, directory: str, load):
-    """The base model's tokenizer: from its directory, or for a ``base+adapter`` reference
-    (merged into a cache folder without tokenizer files) from the adapter's or the base's."""
-    text = str(model)
-    candidates = [directory] + [part.split("@")[0] for part in reversed(text.split("+")) if "+" in text]
-    error = None
-    for candidate in candidates:
-        try:
-            return load(candidate)
-        except Exception as failure:  # noqa: BLE001 - try the next candidate
-            error = failure
-    raise error
+class AntidoteSettings(LocatingSettings):
+    """Every Antidote parameter (the locate settings are recorded in the artifact)."""
+
+    # apply_to: fusion scores the merge's own fusion (its backbone settings are recorded)
+    artifact_depends_on_fusion: ClassVar[bool] = True
+
+    harmful_data: str = setting(
+        "",
+        "JSONL of harmful prompts with harmful answers (keys prompt, response) the "
+        "scores are computed on; empty = no locate step (plain fusion, with a warning)",
+        data=True,
+    )
+    alpha: UnitInterval = setting(DEFAULT_ALPHA, "share of each output row selected (floor(α·columns) entries)", locate=True)
+    mode: Literal["zero", "reset"] = setting(
+        DEFAULT_MODE,
+        "zero: selected weights set to 0 (paper); reset: score |τ|·‖X‖ and restore the "
+        "selected entries to the aligned model",
+        locate=True,
+    )
+    apply_to: Literal["experts", "fusion"] = setting(
+        DEFAULT_APPLY_TO,
+        "experts: score and prune each expert before fusion (its own statistics); "
+        "fusion: score and prune the fused model (the fused model's statistics)",
+        locate=True,
+    )
+    modules: str = setting(
+        "linear",
+        "decoder-layer Linear weights scored: comma list of presets (attention, mlp, linear, "
+        "all) or regexes on tensor names (e.g. 'mlp,self_attn.o_proj')",
+        locate=True,
+    )
+    token_scope: Literal["all", "response"] = setting(
+        "all",
+        "tokens the statistics run over: all (prompt + answer, as Wanda/Antidote) or "
+        "response only",
+        locate=True,
+    )
+    max_samples: NonNegativeInt = setting(0, "use the first N records of harmful_data (0 = all)", locate=True)
+    max_length: NonNegativeInt = setting(0, "truncate calibration examples to N tokens (0 = no limit)", locate=True)
+    batch_size: PositiveInt = setting(8, "calibration batch size (does not change the result)")
+    streaming: bool = setting(
+        True,
+        "calibrate layer by layer from the safetensors shards (peak memory ≈ one layer); "
+        "false = whole model in memory",
+    )
+    control: Literal["none", "random"] = setting(
+        "none",
+        "random: the equal-size random mask (same count per row, seeded by seed) "
+        "instead of the Wanda scores — a control for reports",
+        locate=True,
+    )
 
 
-class Antidote(LocatingMaskedFusion):
+class Antidote(LocatingFusionMethod):
     name = "antidote"
     pretty_name = "Antidote (Wanda pruning on harmful data)"
     reference_url = "https://arxiv.org/abs/2408.09600"
@@ -129,78 +171,7 @@ class Antidote(LocatingMaskedFusion):
         "random mask."
     )
 
-    locate_parameters = (
-        "harmful_data",
-        "alpha",
-        "mode",
-        "apply_to",
-        "modules",
-        "token_scope",
-        "max_samples",
-        "max_length",
-        "control",
-        "seed",
-        *FUSION_SETTINGS,
-    )
-    data_parameters = ("harmful_data",)
-    expert_locate_parameters = ("weight", "density")
-
-    def extra_parameters(self):
-        return (
-            _parameter(
-                "harmful_data",
-                str,
-                "",
-                "JSONL of harmful prompts with harmful answers (keys prompt, response) the "
-                "scores are computed on; empty = no locate step (plain fusion, with a warning)",
-            ),
-            _parameter("alpha", UnitInterval, DEFAULT_ALPHA, "share of each output row selected (floor(α·columns) entries)"),
-            _parameter(
-                "mode",
-                Literal["zero", "reset"],
-                DEFAULT_MODE,
-                "zero: selected weights set to 0 (paper); reset: score |τ|·‖X‖ and restore the "
-                "selected entries to the aligned model",
-            ),
-            _parameter(
-                "apply_to",
-                Literal["experts", "fusion"],
-                DEFAULT_APPLY_TO,
-                "experts: score and prune each expert before fusion (its own statistics); "
-                "fusion: score and prune the fused model (the fused model's statistics)",
-            ),
-            _parameter(
-                "modules",
-                str,
-                "*",
-                "decoder-layer Linear modules scored: '*' = all, or comma-separated patterns "
-                "(e.g. 'mlp.*,self_attn.o_proj')",
-            ),
-            _parameter(
-                "token_scope",
-                Literal["all", "response"],
-                "all",
-                "tokens the statistics run over: all (prompt + answer, as Wanda/Antidote) or "
-                "response only",
-            ),
-            _parameter("max_samples", NonNegativeInt, 0, "use the first N records of harmful_data (0 = all)"),
-            _parameter("max_length", NonNegativeInt, 0, "truncate calibration examples to N tokens (0 = no limit)"),
-            _parameter("batch_size", PositiveInt, 8, "calibration batch size (does not change the result)"),
-            _parameter(
-                "streaming",
-                bool,
-                True,
-                "calibrate layer by layer from the safetensors shards (peak memory ≈ one layer); "
-                "false = whole model in memory",
-            ),
-            _parameter(
-                "control",
-                Literal["none", "random"],
-                "none",
-                "random: the equal-size random mask (same count per row, seeded by seed) "
-                "instead of the Wanda scores — a control for reports",
-            ),
-        )
+    settings = AntidoteSettings
 
     # ---- locate framework
 
@@ -226,14 +197,15 @@ class Antidote(LocatingMaskedFusion):
         return record
 
     def compute_artifact(self, request: LocateRequest) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-        from mergekit_safety.calibration import (
-            FusedSource,
+        from mergekit_safety.engine.calibration import (
             SafetensorsSource,
-            load_tokenizer,
             collect_statistics,
             linear_weight_names,
             load_examples,
+            load_tokenizer,
         )
+        from mergekit_safety.engine.tokenizer import tokenizer_folders
+        from mergekit_safety.fusion.sources import FusedSource
 
         p = request.parameters
         started = time.time()
@@ -250,7 +222,8 @@ class Antidote(LocatingMaskedFusion):
         tokenizer = None
         if not random_control:
             examples = load_examples(p["harmful_data"], int(p["max_samples"] or 0))
-            tokenizer = _tokenizer_for(request.base, base_dir, load_tokenizer)
+            folders = tokenizer_folders(request.base, base_dir)
+            tokenizer = load_tokenizer(folders[0], folders[1:])
             calibration = dict(
                 examples=examples,
                 modules=p["modules"],

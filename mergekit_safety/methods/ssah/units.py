@@ -44,7 +44,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
-KV_POLICIES = ("any", "all", "none")
+from mergekit_safety.methods.ssah.config import KV_POLICIES  # noqa: E402
 
 #: projections whose output rows belong to units, and those whose input columns do
 ROW_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")

@@ -26,6 +26,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 
+from mergekit_safety.engine.checkpoint import safetensors_files
+
 FORMAT = "mergekit-safety/artifact"
 FORMAT_VERSION = 1
 
@@ -40,18 +42,6 @@ _SAMPLES_PER_FILE = 8
 _SAMPLE_BYTES = 4096
 _fingerprint_cache: Dict[tuple, str] = {}
 _fingerprint_lock = threading.Lock()
-
-
-def _safetensors_files(directory: str) -> list[str]:
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index, "r", encoding="utf-8") as handle:
-            weight_map = json.load(handle)["weight_map"]
-        return sorted({os.path.join(directory, name) for name in weight_map.values()})
-    names = sorted(
-        name for name in os.listdir(directory) if name.endswith(".safetensors")
-    )
-    return [os.path.join(directory, name) for name in names]
 
 
 def _file_fingerprint(path: str, digest: "hashlib._Hash") -> None:
@@ -81,7 +71,7 @@ def directory_fingerprint(directory: str) -> str:
     Cached per process by (path, size, mtime) of the files.
     """
     directory = os.path.abspath(directory)
-    files = _safetensors_files(directory)
+    files = safetensors_files(directory)
     if not files:
         raise ArtifactError(f"{directory}: no .safetensors weights to fingerprint")
     key = tuple((path, os.path.getsize(path), os.stat(path).st_mtime_ns) for path in files)
@@ -154,12 +144,14 @@ class ArtifactMetadata:
     # True when the values depend on the experts (the merge must use exactly these experts);
     # False for e.g. SSAH unit masks computed on the aligned model alone.
     binds_experts: bool = True
+    # further models the values depend on (e.g. an unaligned model), by parameter name
+    models: Mapping[str, ModelIdentity] = field(default_factory=dict)
 
     def to_strings(self) -> Dict[str, str]:
         def identity(value: Optional[ModelIdentity]):
             return None if value is None else {"ref": value.ref, "fingerprint": value.fingerprint}
 
-        return {
+        strings = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
             "method": self.method,
@@ -170,6 +162,9 @@ class ArtifactMetadata:
             "data": json.dumps(dict(self.data), sort_keys=True),
             "extra": json.dumps(dict(self.extra), sort_keys=True),
         }
+        if self.models:  # written only when present: older artifacts keep their identity
+            strings["models"] = json.dumps({k: identity(v) for k, v in sorted(self.models.items())})
+        return strings
 
     @classmethod
     def from_strings(cls, values: Mapping[str, str], path: str) -> "ArtifactMetadata":
@@ -195,6 +190,7 @@ class ArtifactMetadata:
                 data=json.loads(values["data"]),
                 extra=json.loads(values.get("extra", "{}")),
                 binds_experts=json.loads(values.get("binds_experts", "true")),
+                models={k: ModelIdentity(**v) for k, v in json.loads(values.get("models", "{}")).items()},
             )
         except (KeyError, TypeError, json.JSONDecodeError) as error:
             raise ArtifactError(f"{path}: malformed artifact metadata ({error})") from error

@@ -1,7 +1,7 @@
 """``ssah``: protect safety-critical units of the aligned model from the fused task vectors.
 
 SSAH (Li & Kim, "Safety-critical units", arXiv 2410.10862) finds that safety lives in few
-structured units (attention heads, MLP neurons; see :mod:`mergekit_safety.units`). This method
+structured units (attention heads, MLP neurons; see :mod:`mergekit_safety.methods.ssah.units`). This method
 scores every unit of the aligned model θ_A on a safety set and a utility set, labels the units,
 and protects the safety-critical ones during fusion:
 
@@ -9,7 +9,7 @@ and protects the safety-critical ones during fusion:
 
 with ``M_protect`` the rows (q/k/v/gate/up) and columns (o/down) of the protected units, and
 ``Merge`` any backbone of the shared core (task arithmetic, TIES, DARE, mean). The same
-artifact freezes those units during fine-tuning (:mod:`mergekit_safety.freezing`).
+artifact freezes those units during fine-tuning (:mod:`mergekit_safety.methods.ssah.freezing`).
 
 Scoring (the authors' working code: FLAP-style, no gradients)
 -------------------------------------------------------------
@@ -37,7 +37,7 @@ Protection (merge-time parameters, the artifact does not depend on them)
 every ESU (by Diff) then the CU with the highest safety score, up to
 ``round(protect_share · units)``. ``control: random`` protects instead a seeded random set
 with the same number of heads and the same number of neurons (``control_seed``). K/V rows of
-grouped-query attention follow ``kv_policy`` (default ``any``; see :mod:`mergekit_safety.units`).
+grouped-query attention follow ``kv_policy`` (default ``any``; see :mod:`mergekit_safety.methods.ssah.units`).
 
 Since the scores come from θ_A alone, the artifact does not bind the experts
 (``binds_experts = False``): one artifact serves any set of experts fine-tuned from θ_A.
@@ -52,11 +52,17 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from mergekit_safety.artifacts import ArtifactError, open_artifact, tensor_key
-from mergekit_safety.core import LocatingMaskedFusion, TensorMasks, UnitInterval, _parameter
-from mergekit_safety.units import (
+from mergekit_safety.fusion.artifacts import ArtifactError, open_artifact, tensor_key
+from mergekit_safety.fusion.kernel import TensorMasks
+from mergekit_safety.fusion.method import LocatingFusionMethod, TensorInputs
+from mergekit_safety.methods.ssah.config import (
+    CONTROLS,
+    LabelSettings,
+    ProtectSettings,
+    ScoreSettings,
+    SSAHSettings,
+)
+from mergekit_safety.methods.ssah.units import (
     KV_POLICIES,
     UnitError,
     UnitLayout,
@@ -76,52 +82,6 @@ METHOD_NAME = "ssah"
 # unit labels as stored in the artifact (int8)
 CU, ESU, EUU, RU = 0, 1, 2, 3
 LABEL_NAMES = {CU: "CU", ESU: "ESU", EUU: "EUU", RU: "RU"}
-CONTROLS = ("none", "random")
-
-
-# --------------------------------------------------------------------------- settings
-
-
-class LabelSettings(BaseModel):
-    """Thresholds of the unit labels, as shares of the number of units."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    esu_share: float = Field(0.01, ge=0.0, le=1.0, description="top share of Diff labelled ESU")
-    euu_share: float = Field(0.10, ge=0.0, le=1.0, description="bottom share of Diff labelled EUU")
-    ru_share: float = Field(0.10, ge=0.0, le=1.0, description="bottom share of Sum labelled RU")
-
-    @model_validator(mode="after")
-    def _disjoint(self) -> "LabelSettings":
-        if self.esu_share + self.euu_share > 1.0:
-            raise ValueError(
-                f"esu_share + euu_share = {self.esu_share + self.euu_share} > 1: ESU and EUU would overlap"
-            )
-        return self
-
-
-class ScoreSettings(BaseModel):
-    """How the calibration statistics are gathered."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    safety_data: str = Field(description="JSONL of harmful prompts + refusals (prompt, response)")
-    utility_data: str = Field(description="JSONL of benign prompts + answers (prompt, response)")
-    max_samples: int = Field(128, ge=1, description="samples used from each file (the paper: 128)")
-    max_length: int = Field(256, ge=2, description="tokens per sample (prompt cut from the left)")
-    batch_size: int = Field(8, ge=1)
-    response_only: bool = Field(True, description="statistics over response tokens only")
-
-
-class ProtectSettings(BaseModel):
-    """Which units a merge (or a fine-tuning run) protects, from one artifact."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    protect_share: float = Field(0.075, ge=0.0, le=1.0)
-    control: Literal["none", "random"] = "none"
-    control_seed: int = 0
-    kv_policy: Literal["any", "all", "none"] = "any"
 
 
 # --------------------------------------------------------------------------- scoring
@@ -338,11 +298,11 @@ def write_scores_artifact(path: str, scores: UnitScores, base_model: Any, parame
     """Write unit scores computed elsewhere (or synthetic) as an SSAH artifact for
     ``base_model``, recorded with the method's locate settings (defaults overridden by
     ``parameters``) so a merge with the same settings accepts it."""
-    from mergekit_safety.artifacts import write_artifact
-    from mergekit_safety.locate import LocateRequest
+    from mergekit_safety.fusion.artifacts import write_artifact
+    from mergekit_safety.fusion.locate import LocateRequest
 
     method = SSAHMethod()
-    values = {p.name: p.default for p in method.spec.parameters if p.scope.value == "shared"}
+    values = SSAHSettings.defaults()
     values.update(parameters or {})
     values["mask"] = path
     record = method.artifact_record(LocateRequest(METHOD_NAME, base_model, (), values))
@@ -383,9 +343,9 @@ class InputStatistics:
 
 def input_variances(model_dir: str, data_path: str, layout: UnitLayout, settings: ScoreSettings) -> InputStatistics:
     """Variances of the inputs of every layer's o_proj and down_proj on one calibration set,
-    through the shared calibration engine (:mod:`mergekit_safety.calibration`, streaming layer
+    through the shared calibration engine (:mod:`mergekit_safety.engine.calibration`, streaming layer
     by layer), and the o_proj/down_proj weights read from the checkpoint."""
-    from mergekit_safety.calibration import SafetensorsSource, collect_statistics, load_examples
+    from mergekit_safety.engine.calibration import SafetensorsSource, collect_statistics, load_examples
 
     examples = load_examples(data_path, max_samples=settings.max_samples)
     stats = collect_statistics(
@@ -421,7 +381,7 @@ def input_variances(model_dir: str, data_path: str, layout: UnitLayout, settings
 # --------------------------------------------------------------------------- the method
 
 
-class SSAHMethod(LocatingMaskedFusion):
+class SSAHMethod(LocatingFusionMethod):
     """θ_A + (1 − M_protect) ⊙ Merge(τ_1 … τ_n): safety-critical units of θ_A kept intact."""
 
     name = METHOD_NAME
@@ -433,34 +393,14 @@ class SSAHMethod(LocatingMaskedFusion):
         "fusing the task vectors with any backbone."
     )
 
-    locate_parameters = (
-        "safety_data", "utility_data", "max_samples", "max_length", "batch_size",
-        "response_only", "esu_share", "euu_share", "ru_share",
-    )
-    data_parameters = ("safety_data", "utility_data")
+    settings = SSAHSettings
     binds_experts = False
+    artifact_roles = (ROLE_LABEL,)
 
     def __init__(self) -> None:
         super().__init__()
         self._units: Dict[tuple, Tuple[Any, UnitScores, UnitSet]] = {}
         self._units_lock = threading.Lock()
-
-    def extra_parameters(self):
-        return (
-            _parameter("safety_data", str, "", "JSONL of harmful prompts + refusals (prompt, response)"),
-            _parameter("utility_data", str, "", "JSONL of benign prompts + answers (prompt, response)"),
-            _parameter("max_samples", int, 128, "calibration samples per set"),
-            _parameter("max_length", int, 256, "tokens per calibration sample"),
-            _parameter("batch_size", int, 8, "calibration batch size"),
-            _parameter("response_only", bool, True, "statistics over response tokens only"),
-            _parameter("esu_share", UnitInterval, 0.01, "top share of Diff labelled ESU"),
-            _parameter("euu_share", UnitInterval, 0.10, "bottom share of Diff labelled EUU"),
-            _parameter("ru_share", UnitInterval, 0.10, "bottom share of Sum labelled RU"),
-            _parameter("protect_share", UnitInterval, 0.075, "share of all units protected (ESU first, then CU by safety score)"),
-            _parameter("control", Literal[CONTROLS], "none", "'random': protect a seeded random set of equal size instead"),
-            _parameter("control_seed", int, 0, "seed of the random control"),
-            _parameter("kv_policy", Literal[KV_POLICIES], "any", "GQA: protect a K/V head when any/all/none of its query heads is protected"),
-        )
 
     def compute_artifact(self, request):
         parameters = request.parameters
@@ -491,10 +431,10 @@ class SSAHMethod(LocatingMaskedFusion):
             )
         return cached[1], cached[2]
 
-    def masks_from_artifact(self, artifact, group, parameters: Dict[str, Any]) -> TensorMasks:
+    def masks_from_artifact(self, artifact, inputs: TensorInputs, parameters: Dict[str, Any]) -> TensorMasks:
         scores, units = self.protected_units(artifact, parameters)
-        name = group.metadata.name
-        base = group.base.tensor
+        name = inputs.name
+        base = inputs.base
         try:
             found = unit_axis(name, base.shape, units, scores.layout, parameters["kv_policy"])
         except UnitError as error:
@@ -506,113 +446,3 @@ class SSAHMethod(LocatingMaskedFusion):
         # unit_mask() without materialising one entry per weight
         view = (-1,) + (1,) * (base.dim() - 1) if dim == 0 else (1, -1)
         return TensorMasks(post_keep=(~protect).view(view).to(device=base.device, dtype=base.dtype))
-
-
-# --------------------------------------------------------------------------- inspection
-
-
-def inspect_artifact(
-    path: str,
-    png: Optional[str] = None,
-    settings: ProtectSettings = ProtectSettings(),
-) -> str:
-    """A per-layer report of an SSAH artifact (label shares of heads and neurons, protected
-    counts); with ``png``, also a heat map of where safety lives (layer × unit type)."""
-    scores = load_unit_scores(path)
-    layout = scores.layout
-    protected = scores.protected(settings)
-    lines = [
-        f"SSAH artifact {path}",
-        f"layout: {layout.num_layers} layers, {layout.num_heads} heads "
-        f"({layout.num_kv_heads} K/V heads), {layout.intermediate_size} neurons per layer; "
-        f"{layout.total_units} units",
-        "labels overall: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in scores.label_shares().items()),
-        f"protected (share {settings.protect_share}, control {settings.control}, kv_policy "
-        f"{settings.kv_policy}): {protected.count()} units = {int(protected.heads.sum())} heads + "
-        f"{int(protected.neurons.sum())} neurons; "
-        f"{100 * unit_parameter_count(protected, layout, settings.kv_policy) / layout_parameter_count(layout):.2f}% "
-        "of unit weights",
-        "",
-        f"{'layer':>5} {'type':<7} " + " ".join(f"{n:>6}" for n in LABEL_NAMES.values())
-        + f" {'protect':>8} {'safety z':>9}",
-    ]
-    for layer in range(layout.num_layers):
-        for kind, labels, chosen, safety in (
-            ("heads", scores.label_heads[layer], protected.heads[layer], scores.safety_heads[layer]),
-            ("neurons", scores.label_neurons[layer], protected.neurons[layer], scores.safety_neurons[layer]),
-        ):
-            shares = " ".join(
-                f"{100 * float((labels == code).float().mean()):5.1f}%" for code in LABEL_NAMES
-            )
-            lines.append(
-                f"{layer:>5} {kind:<7} {shares} {100 * float(chosen.float().mean()):7.1f}% "
-                f"{float(safety.float().mean()):9.3f}"
-            )
-    if png:
-        write_heatmap(scores, protected, png)
-        lines.append("")
-        lines.append(f"heat map written to {png}")
-    return "\n".join(lines)
-
-
-def write_heatmap(scores: UnitScores, protected: UnitSet, png: str) -> None:
-    """PNG. Top row, per layer × unit type: ESU share, protected share, RU share (the
-    alignment budget). Bottom row: Diff = z_safety − z_utility of every head and every neuron
-    (layer × unit index), protected units outlined / dotted."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    layout = scores.layout
-    kinds = ["attention heads", "MLP neurons"]
-
-    def share(label: int) -> torch.Tensor:
-        return 100 * torch.stack([
-            (scores.label_heads == label).float().mean(dim=1), (scores.label_neurons == label).float().mean(dim=1)
-        ], dim=1)
-
-    prot = 100 * torch.stack([protected.heads.float().mean(dim=1), protected.neurons.float().mean(dim=1)], dim=1)
-    panels = [("ESU share (%)", share(ESU)), ("protected share (%)", prot), ("RU share (%, alignment budget)", share(RU))]
-    height = max(2.2, 0.3 * layout.num_layers + 1.4)
-    figure = plt.figure(figsize=(13, 2 * height + 0.8))
-    grid = figure.add_gridspec(2, 6)
-    for position, (title, values) in enumerate(panels):
-        axis = figure.add_subplot(grid[0, 2 * position:2 * position + 2])
-        data = values.numpy()
-        image = axis.imshow(data, aspect="auto", cmap="Reds", origin="lower", vmin=0)
-        axis.set_xticks(range(len(kinds)))
-        axis.set_xticklabels(kinds)
-        axis.set_yticks(range(layout.num_layers))
-        axis.set_ylabel("layer")
-        axis.set_title(title, fontsize=10)
-        top = float(data.max()) or 1.0
-        if layout.num_layers <= 40:
-            for row in range(data.shape[0]):
-                for col in range(data.shape[1]):
-                    axis.text(col, row, f"{data[row, col]:.1f}", ha="center", va="center", fontsize=8,
-                              color="white" if data[row, col] > 0.6 * top else "black")
-        figure.colorbar(image, ax=axis, fraction=0.046)
-    for position, (title, diff, chosen) in enumerate((
-        ("heads: Diff (protected marked)", scores.safety_heads - scores.utility_heads, protected.heads),
-        ("neurons: Diff (protected marked)", scores.safety_neurons - scores.utility_neurons, protected.neurons),
-    )):
-        axis = figure.add_subplot(grid[1, :2] if position == 0 else grid[1, 2:])
-        data = diff.float().numpy()
-        bound = float(max(abs(data.min()), abs(data.max()), 1e-6))
-        image = axis.imshow(data, aspect="auto", cmap="coolwarm", origin="lower", vmin=-bound, vmax=bound,
-                            interpolation="nearest")
-        rows, cols = chosen.nonzero(as_tuple=True)
-        axis.scatter(cols.numpy(), rows.numpy(), s=12 if position else 60, facecolors="none", edgecolors="black",
-                     linewidths=0.8)
-        axis.set_xlabel("head" if position == 0 else "neuron")
-        axis.set_ylabel("layer")
-        axis.set_yticks(range(layout.num_layers))
-        axis.set_title(title, fontsize=10)
-        figure.colorbar(image, ax=axis, fraction=0.046)
-    figure.suptitle("SSAH: where safety lives (layer × unit type)")
-    figure.tight_layout()
-    folder = os.path.dirname(os.path.abspath(png))
-    os.makedirs(folder, exist_ok=True)
-    figure.savefig(png, dpi=110)
-    plt.close(figure)

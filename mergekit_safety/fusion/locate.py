@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from mergekit_safety.artifacts import (
+from mergekit_safety.fusion.artifacts import (
     ArtifactError,
     ArtifactMetadata,
     ModelIdentity,
@@ -35,10 +35,10 @@ from mergekit_safety.artifacts import (
     open_artifact,
     write_artifact,
 )
+from mergekit_safety.fusion.models import cache_folder, resolve_model
+from mergekit_safety.fusion.settings import AUTO, FusionSettings
 
 logger = logging.getLogger(__name__)
-
-AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -50,36 +50,12 @@ class LocateRequest:
     experts: Tuple[Any, ...]
     parameters: Mapping[str, Any]  # global (shared) parameters, scalars
     expert_parameters: Mapping[Any, Mapping[str, Any]] = field(default_factory=dict)
+    #: further model references named by parameters (e.g. ``unaligned_model``), by name
+    models: Mapping[str, Any] = field(default_factory=dict)
 
     def model_path(self, model: Any) -> str:
         """Local directory of a plain model reference (LoRA references: see resolve_model)."""
         return resolve_model(model)
-
-
-def resolve_model(model: Any) -> str:
-    """Local directory for a model reference; ``base+adapter`` references are merged once
-    into mergekit's LoRA cache the way mergekit itself does it."""
-    text = str(model)
-    if "+" not in text:
-        path = text.split("@")[0]
-        if not os.path.isdir(path):
-            raise ArtifactError(
-                f"model {text!r} is not a local directory; mergekit-safety never downloads "
-                "models: download it first and use the local path"
-            )
-        return path
-    from mergekit.common import ModelReference
-
-    reference = model if not isinstance(model, str) else ModelReference.parse(model)
-    cache = os.path.join(cache_folder(), "lora-merged")
-    os.makedirs(cache, exist_ok=True)
-    return reference.merged(cache_dir=cache).model.path
-
-
-def cache_folder() -> str:
-    return os.environ.get(
-        "MERGEKIT_SAFETY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mergekit-safety")
-    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -93,17 +69,33 @@ def _jsonable(value: Any) -> Any:
 
 
 class Locator:
-    """Mixin for methods with a locate step. Subclasses set the class attributes and
-    implement :meth:`compute_artifact`."""
+    """Mixin for methods with a locate step. Subclasses declare their parameters in
+    ``settings`` (a :class:`~mergekit_safety.fusion.settings.FusionSettings` subclass; what
+    is recorded in an artifact is derived from it) and implement :meth:`compute_artifact`."""
 
-    #: YAML parameters that change the artifact (recorded as its settings)
-    locate_parameters: Tuple[str, ...] = ()
-    #: YAML parameters that name data files (their sha256 is recorded)
-    data_parameters: Tuple[str, ...] = ()
-    #: per-model YAML parameters that change the artifact (e.g. SOMF trains through weights)
-    expert_locate_parameters: Tuple[str, ...] = ()
+    settings: type = FusionSettings
     #: whether the artifact depends on the experts (SSAH's unit scores depend on θ_A only)
     binds_experts: bool = True
+
+    @property
+    def locate_parameters(self) -> Tuple[str, ...]:
+        """YAML parameters that change the artifact (recorded as its settings)."""
+        return self.settings.locate_fields()
+
+    @property
+    def data_parameters(self) -> Tuple[str, ...]:
+        """YAML parameters that name data files (their sha256 is recorded)."""
+        return self.settings.data_fields()
+
+    @property
+    def expert_locate_parameters(self) -> Tuple[str, ...]:
+        """Per-model YAML parameters that change the artifact."""
+        return self.settings.expert_locate_fields()
+
+    @property
+    def model_parameters(self) -> Tuple[str, ...]:
+        """YAML parameters that name further models (fingerprinted)."""
+        return self.settings.model_fields_()
 
     # ---- to implement
 
@@ -131,6 +123,11 @@ class Locator:
                     f"{os.path.abspath(path)}; relative paths resolve from the working directory)"
                 )
             data[name] = file_sha256(path)
+        models = {}
+        for name in self.model_parameters:
+            reference = request.models.get(name) or request.parameters.get(name)
+            if reference:
+                models[name] = ModelIdentity.of(reference)
         return ArtifactMetadata(
             method=request.method,
             base=ModelIdentity.of(request.base),
@@ -138,6 +135,7 @@ class Locator:
             settings=settings,
             data=data,
             binds_experts=self.binds_experts,
+            models=models,
         )
 
     def artifact_path(self, request: LocateRequest, record: Optional[ArtifactMetadata] = None) -> str:
@@ -163,9 +161,15 @@ class Locator:
             problems.append(
                 f"experts differ ({[e.ref for e in found.experts]} → {[e.ref for e in record.experts]})"
             )
-        for key in sorted(set(found.settings) | set(record.settings)):
+        # keys an older version recorded but this one no longer does (e.g. an execution-only
+        # setting) do not make the artifact stale; keys it lacks do
+        for key in sorted(record.settings):
             if found.settings.get(key) != record.settings.get(key):
                 problems.append(f"setting {key}: {found.settings.get(key)!r} → {record.settings.get(key)!r}")
+        for key in sorted(set(found.models) | set(record.models)):
+            old, new = found.models.get(key), record.models.get(key)
+            if (old and old.fingerprint) != (new and new.fingerprint):
+                problems.append(f"model {key} differs ({old.ref if old else None} → {new.ref if new else None})")
         for key in sorted(set(found.data) | set(record.data)):
             if found.data.get(key) != record.data.get(key):
                 problems.append(f"data {key} changed (sha256 differs)")
@@ -221,85 +225,3 @@ def _path_lock(path: str):
                     pass
         with contextlib.suppress(OSError):
             os.unlink(absolute + ".lock")
-
-
-# --------------------------------------------------------------------------- from a YAML
-
-
-def request_from_config(config_path: str) -> Tuple[Any, LocateRequest]:
-    """Parse a mergekit YAML into (method, LocateRequest), with scalar parameters only."""
-    import yaml
-
-    with open(config_path, "r", encoding="utf-8") as handle:
-        raw = yaml.safe_load(handle)
-    return request_from_config_data(raw, config_path)
-
-
-def request_from_config_data(raw: Mapping[str, Any], config_path: str = "merge config") -> Tuple[Any, LocateRequest]:
-    from mergekit import merge_methods
-    from mergekit.config import MergeConfiguration
-
-    config = MergeConfiguration.model_validate(raw)
-    method = merge_methods.get(config.merge_method)
-    if not isinstance(method, Locator):
-        raise ArtifactError(
-            f"{config_path}: merge_method {config.merge_method!r} has no locate step"
-        )
-    if not config.models or config.base_model is None:
-        raise ArtifactError(
-            f"{config_path}: locate needs a `models:` list and a `base_model:` (slices are not supported)"
-        )
-    base = config.base_model
-    experts = tuple(m.model for m in config.models if m.model != base)
-    specs = {p.name: p for p in method.spec.parameters}
-
-    def scalar(name, setting, where):
-        if isinstance(setting, (list, dict)) or hasattr(setting, "filter"):
-            raise ArtifactError(
-                f"{config_path}: {where} parameter {name!r} must be a single value for locate "
-                "(per-layer lists and filters are not supported by data-driven methods)"
-            )
-        return specs[name].validate(setting) if name in specs else setting
-
-    parameters = {}
-    for name, spec in specs.items():
-        if spec.scope.value == "shared":
-            value = (config.parameters or {}).get(name)
-            parameters[name] = spec.default if value is None else scalar(name, value, "global")
-    expert_parameters = {}
-    for model in config.models:
-        if model.model == base:
-            continue
-        values = {}
-        for name, spec in specs.items():
-            if spec.scope.value != "shared":
-                value = (model.parameters or {}).get(name, (config.parameters or {}).get(name))
-                values[name] = spec.default if value is None else scalar(name, value, f"{model.model}")
-        expert_parameters[model.model] = values
-    return method, LocateRequest(
-        method=method.spec.name,
-        base=base,
-        experts=experts,
-        parameters=parameters,
-        expert_parameters=expert_parameters,
-    )
-
-
-def locate_config(config_path: str, force: bool = False) -> str:
-    method, request = request_from_config(config_path)
-    return method.locate(request, force=force)
-
-
-def request_from_group(method_name: str, group, parameters: Mapping[str, Any]) -> LocateRequest:
-    """The same request, built inside a merge kernel from its tensor group."""
-    experts = tuple(entry.id for entry in group.non_base)
-    shared = {k: v for k, v in parameters.items() if not hasattr(v, "values_for")}
-    per_input = {k: v for k, v in parameters.items() if hasattr(v, "values_for")}
-    expert_parameters = {e: {k: v[e] for k, v in per_input.items() if e in v} for e in experts}
-    return LocateRequest(
-        method=method_name,
-        base=group.base.id,
-        experts=experts,
-        parameters=shared,
-        expert_parameters=expert_parameters,
-    )

@@ -31,28 +31,32 @@ Two execution modes, which give the same numbers (tests check it):
   streaming mode refuses.
 
 The weights may come from a checkpoint directory or from any :class:`WeightSource` — e.g.
-:class:`FusedSource`, the plain fusion of an aligned model and experts computed tensor by
-tensor with :func:`mergekit_safety.core.fuse`, so statistics of a fused model never need the
-fused checkpoint on disk.
+:class:`mergekit_safety.fusion.sources.FusedSource`, the plain fusion of an aligned model and
+experts computed tensor by tensor, so statistics of a fused model never need the fused
+checkpoint on disk.
+
+Modules are chosen with the package's one ``modules`` grammar (:mod:`mergekit_safety.engine.modules`)
+among the Linear weights of the decoder layers.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import os
 import threading
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from mergekit_safety.engine.checkpoint import Checkpoint, CheckpointError
+from mergekit_safety.engine.tokenizer import pad_id
+
 logger = logging.getLogger(__name__)
 
 TokenScope = Literal["response", "all"]
-DEFAULT_MODULES = "*"
+DEFAULT_MODULES = "linear"
 
 
 class CalibrationError(ValueError):
@@ -178,6 +182,9 @@ class WeightSource:
     def names(self) -> List[str]:
         raise NotImplementedError
 
+    def has(self, name: str) -> bool:
+        return name in self.names()
+
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
@@ -188,102 +195,20 @@ class WeightSource:
         """Drop cached file handles (their memory maps), e.g. after a layer has been read."""
 
 
-class SafetensorsSource(WeightSource):
-    """The safetensors shards of a model directory (index file or ``*.safetensors``)."""
+class SafetensorsSource(Checkpoint, WeightSource):
+    """The safetensors shards of a model directory, as a :class:`WeightSource`."""
 
     def __init__(self, directory: str):
-        self.directory = os.path.abspath(directory)
-        index = os.path.join(self.directory, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index, "r", encoding="utf-8") as handle:
-                weight_map = json.load(handle)["weight_map"]
-            self._files = {name: os.path.join(self.directory, f) for name, f in weight_map.items()}
-        else:
-            from safetensors import safe_open
-
-            files = sorted(f for f in os.listdir(self.directory) if f.endswith(".safetensors")) if os.path.isdir(self.directory) else []
-            if not files:
-                raise CalibrationError(f"{self.directory}: no safetensors weights found")
-            self._files = {}
-            for file in files:
-                path = os.path.join(self.directory, file)
-                with safe_open(path, framework="pt", device="cpu") as handle:
-                    for name in handle.keys():
-                        self._files[name] = path
-        self._handles: Dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def names(self) -> List[str]:
-        return sorted(self._files)
-
-    def has(self, name: str) -> bool:
-        return name in self._files
+        try:
+            super().__init__(directory)
+        except CheckpointError as error:
+            raise CalibrationError(str(error)) from None
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path = self._files.get(name)
-        if path is None:
-            raise CalibrationError(f"{self.directory}: tensor {name!r} not found in the checkpoint")
-        with self._lock:
-            handle = self._handles.get(path)
-            if handle is None:
-                handle = safe_open(path, framework="pt", device="cpu")
-                self._handles[path] = handle
-            return handle.get_tensor(name)
-
-    def describe(self) -> str:
-        return self.directory
-
-    def release(self) -> None:
-        with self._lock:
-            self._handles.clear()
-
-
-class FusedSource(WeightSource):
-    """θ_A + Merge(θ_i − θ_A) computed per tensor with :func:`mergekit_safety.core.fuse`.
-
-    ``fuse_kwargs`` are passed to ``fuse`` (backbone, weights, densities, lambda_, normalize,
-    rescale, int8_mask). ``seed`` seeds random backbones per tensor exactly as
-    :meth:`mergekit_safety.core.MaskedFusion.merge_group` does, so the fused tensors equal the
-    ones the merge would write without masks.
-    """
-
-    def __init__(self, base: WeightSource, experts: Sequence[WeightSource], fuse_kwargs: Mapping[str, Any], seed: Optional[int] = None):
-        self.base = base
-        self.experts = list(experts)
-        self.fuse_kwargs = dict(fuse_kwargs)
-        self.seed = seed
-
-    def names(self) -> List[str]:
-        return self.base.names()
-
-    def get(self, name: str) -> torch.Tensor:
-        from mergekit_safety.core import fuse
-
-        base = self.base.get(name).to(torch.float32)
-        experts = []
-        for expert in self.experts:
-            tensor = expert.get(name).to(torch.float32)
-            if tensor.shape != base.shape:
-                raise CalibrationError(
-                    f"tensor {name}: expert {expert.describe()} has shape {list(tensor.shape)}, "
-                    f"base {self.base.describe()} has {list(base.shape)}"
-                )
-            experts.append(tensor)
-        if self.seed is None:
-            return fuse(base, experts, **self.fuse_kwargs)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
-            return fuse(base, experts, **self.fuse_kwargs)
-
-    def describe(self) -> str:
-        return f"fusion of {self.base.describe()} and {len(self.experts)} experts"
-
-    def release(self) -> None:
-        self.base.release()
-        for expert in self.experts:
-            expert.release()
+        try:
+            return super().get(name)
+        except CheckpointError as error:
+            raise CalibrationError(str(error)) from None
 
 
 # --------------------------------------------------------------------------- data
@@ -292,7 +217,7 @@ class FusedSource(WeightSource):
 def load_examples(path: str, max_samples: int = 0, prompt_key: str = "prompt", response_key: str = "response") -> List[Dict[str, str]]:
     """Read a calibration JSONL (``prompt``, ``response`` per line); the first ``max_samples``
     records (0 = all)."""
-    from mergekit_safety.data import read_jsonl
+    from mergekit_safety.engine.data import read_jsonl
 
     records = read_jsonl(path, [prompt_key, response_key])
     if max_samples and max_samples > 0:
@@ -304,7 +229,7 @@ def encode_examples(tokenizer: Any, examples: Sequence[Mapping[str, Any]], max_l
     """Examples as ``{input_ids, response_mask}``: pre-encoded ones pass through, (prompt,
     response) ones are encoded with :func:`mergekit_safety.data.encode_example` (chat template
     when the tokenizer has one)."""
-    from mergekit_safety.data import encode_example
+    from mergekit_safety.engine.data import encode_example
 
     encoded = []
     for index, example in enumerate(examples):
@@ -326,7 +251,7 @@ def encode_examples(tokenizer: Any, examples: Sequence[Mapping[str, Any]], max_l
 
 
 def _batches(encoded, batch_size: int, pad_id: int, token_scope: str):
-    from mergekit_safety.data import batches
+    from mergekit_safety.engine.data import batches
 
     if token_scope not in ("response", "all"):
         raise CalibrationError(f"token_scope must be 'response' or 'all', not {token_scope!r}")
@@ -337,38 +262,7 @@ def _batches(encoded, batch_size: int, pad_id: int, token_scope: str):
     return result
 
 
-def _pad_id(tokenizer: Any, config: Any) -> int:
-    for value in (
-        getattr(tokenizer, "pad_token_id", None),
-        getattr(config, "pad_token_id", None),
-        getattr(tokenizer, "eos_token_id", None),
-        getattr(config, "eos_token_id", None),
-    ):
-        if isinstance(value, (list, tuple)):
-            value = value[0] if value else None
-        if value is not None:
-            return int(value)
-    return 0
-
-
 # --------------------------------------------------------------------------- module selection
-
-
-def parse_modules(modules: Any) -> List[str]:
-    """``"*"`` (every Linear of the decoder layers), or comma-separated fnmatch patterns
-    matched against the module name inside its layer (``self_attn.q_proj``, ``mlp.*``) or
-    against the full name (``model.layers.0.mlp.down_proj``)."""
-    if modules is None or modules == "":
-        return [DEFAULT_MODULES]
-    if isinstance(modules, str):
-        patterns = [p.strip() for p in modules.split(",") if p.strip()]
-    else:
-        patterns = [str(p).strip() for p in modules]
-    return patterns or [DEFAULT_MODULES]
-
-
-def _selected(relative: str, full: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(relative, p) or fnmatch.fnmatchcase(full, p) for p in patterns)
 
 
 def _find_layers(model) -> Tuple[str, torch.nn.ModuleList]:
@@ -389,16 +283,26 @@ def _find_layers(model) -> Tuple[str, torch.nn.ModuleList]:
     return candidates[0]
 
 
-def _linear_modules(layers_name: str, layers: torch.nn.ModuleList, patterns: Sequence[str]) -> Dict[int, Dict[str, torch.nn.Linear]]:
-    selected: Dict[int, Dict[str, torch.nn.Linear]] = {}
+def _linear_modules(layers_name: str, layers: torch.nn.ModuleList, modules: Any) -> Dict[int, Dict[str, torch.nn.Linear]]:
+    """The decoder-layer Linear modules whose weights ``modules`` selects, by layer index."""
+    from mergekit_safety.engine.modules import ModuleSelectionError, select
+
+    candidates: Dict[str, Tuple[int, str, torch.nn.Linear]] = {}
     for index, layer in enumerate(layers):
         for relative, module in layer.named_modules():
             if isinstance(module, torch.nn.Linear) and relative:
                 full = f"{layers_name}.{index}.{relative}"
-                if _selected(relative, full, patterns):
-                    selected.setdefault(index, {})[full] = module
-    if not selected:
-        raise CalibrationError(f"no Linear module of the decoder layers matches modules={list(patterns)}")
+                candidates[f"{full}.weight"] = (index, full, module)
+    shapes = {name: tuple(module.weight.shape) for name, (_, _, module) in candidates.items()}
+    try:
+        names = select(candidates, modules, is_linear=lambda _name: True, shapes=shapes)
+    except ModuleSelectionError as error:
+        raise CalibrationError(f"no Linear module of the decoder layers matches modules={modules!r} ({error})") from None
+    chosen = set(names)
+    selected: Dict[int, Dict[str, torch.nn.Linear]] = {}
+    for name, (index, full, module) in candidates.items():  # the model's module order
+        if name in chosen:
+            selected.setdefault(index, {})[full] = module
     return selected
 
 
@@ -473,25 +377,25 @@ def collect_statistics(
     if tokenizer is None and any("input_ids" not in e for e in examples):
         tokenizer = load_tokenizer(model_path)
     encoded = encode_examples(tokenizer, examples, max_length=max_length)
-    batches = _batches(encoded, batch_size, _pad_id(tokenizer, config), token_scope)
-    patterns = parse_modules(modules)
+    batches = _batches(encoded, batch_size, pad_id(tokenizer, config), token_scope)
     if weights is None:
         weights = SafetensorsSource(model_path) if streaming else None
     with torch.inference_mode():
         if streaming:
-            stats = _collect_streaming(config, weights, batches, patterns, dtype, progress, description)
+            stats = _collect_streaming(config, weights, batches, modules, dtype, progress, description)
         else:
-            stats = _collect_in_memory(model_path, config, weights, batches, patterns, dtype, progress, description)
+            stats = _collect_in_memory(model_path, config, weights, batches, modules, dtype, progress, description)
     return {f"{name}.weight": value for name, value in stats.items()}
 
 
-def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
+def load_tokenizer(model_path: str, fallbacks: Sequence[str] = ()):
+    from mergekit_safety.engine.tokenizer import TokenizerError
+    from mergekit_safety.engine.tokenizer import load_tokenizer as load
 
     try:
-        return AutoTokenizer.from_pretrained(model_path)
-    except Exception as error:  # noqa: BLE001 - any failure means: no usable tokenizer
-        raise CalibrationError(f"{model_path}: cannot load its tokenizer ({error})") from error
+        return load(model_path, fallbacks)
+    except TokenizerError as error:
+        raise CalibrationError(f"{model_path}: cannot load its tokenizer ({error})") from None
 
 
 def _skeleton(config, dtype):
@@ -595,13 +499,13 @@ class _Catcher(torch.nn.Module):
         return hidden_states
 
 
-def _collect_streaming(config, source: WeightSource, batches, patterns, dtype, progress: bool, description: str):
+def _collect_streaming(config, source: WeightSource, batches, modules, dtype, progress: bool, description: str):
     from tqdm.auto import tqdm
 
     model = _skeleton(config, dtype)
     model.eval()
     layers_name, layers = _find_layers(model)
-    selected = _linear_modules(layers_name, layers, patterns)
+    selected = _linear_modules(layers_name, layers, modules)
     last_needed = max(selected)
     originals = list(layers)
 
@@ -669,7 +573,7 @@ def _collect_streaming(config, source: WeightSource, batches, patterns, dtype, p
     return accumulator.stats
 
 
-def _collect_in_memory(model_path: str, config, source: Optional[WeightSource], batches, patterns, dtype, progress: bool, description: str):
+def _collect_in_memory(model_path: str, config, source: Optional[WeightSource], batches, modules, dtype, progress: bool, description: str):
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
@@ -688,7 +592,7 @@ def _collect_in_memory(model_path: str, config, source: Optional[WeightSource], 
             raise CalibrationError(f"{source.describe()}: missing tensors {missing[:5]}")
     model.eval()
     layers_name, layers = _find_layers(model)
-    selected = _linear_modules(layers_name, layers, patterns)
+    selected = _linear_modules(layers_name, layers, modules)
     accumulator = _Accumulator()
     for modules in selected.values():
         for name, module in modules.items():
@@ -718,5 +622,5 @@ def linear_weight_names(model_path: str, modules: Any = DEFAULT_MODULES) -> List
 
     model = _skeleton(AutoConfig.from_pretrained(model_path), torch.float32)
     layers_name, layers = _find_layers(model)
-    selected = _linear_modules(layers_name, layers, parse_modules(modules))
+    selected = _linear_modules(layers_name, layers, modules)
     return [f"{name}.weight" for index in sorted(selected) for name in selected[index]]

@@ -17,13 +17,13 @@ Our methods run the same checks at plan time (see :func:`check_at_plan_time`).
 from __future__ import annotations
 
 import difflib
-import json
 import os
-import struct
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from mergekit_safety.artifacts import ArtifactError
+from mergekit_safety.engine.checkpoint import header_shapes
+from mergekit_safety.fusion.artifacts import ArtifactError
+from mergekit_safety.fusion.models import local_directory
 
 
 @dataclass(frozen=True)
@@ -76,22 +76,9 @@ def _line_map(text: str) -> Dict[Tuple, int]:
     return lines
 
 
-# --------------------------------------------------------------------------- headers
-
-
 def safetensors_shapes(directory: str) -> Dict[str, Tuple[int, ...]]:
     """Tensor name → shape of a model directory, from the safetensors headers only."""
-    from mergekit_safety.artifacts import _safetensors_files
-
-    shapes = {}
-    for path in _safetensors_files(directory):
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        for name, info in header.items():
-            if name != "__metadata__":
-                shapes[name] = tuple(info["shape"])
-    return shapes
+    return header_shapes(directory)
 
 
 # --------------------------------------------------------------------------- the check
@@ -114,7 +101,7 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
     """Check a parsed YAML mapping; return the problems found (empty = fine)."""
     from mergekit import merge_methods
 
-    from mergekit_safety.core import MaskedFusion
+    from mergekit_safety.plugin.config import package_method
 
     lines = lines or {}
     problems: List[Problem] = []
@@ -137,7 +124,7 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
         close = difflib.get_close_matches(str(method_name), known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return [Problem(f"unknown merge_method {method_name!r}{hint}", lines.get(("merge_method",)))]
-    ours = isinstance(method, MaskedFusion)
+    ours = package_method(method) is not None
     specs = {p.name: p for p in method.spec.parameters}
     shared = {n for n, p in specs.items() if p.scope.value == "shared"}
 
@@ -191,7 +178,7 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
         for path, ref in [(("base_model",), raw.get("base_model"))] + [
             (("models", i, "model"), m.get("model")) for i, m in enumerate(models) if isinstance(m, Mapping)
         ]:
-            directory = _model_directory(ref)
+            directory = local_directory(ref)
             if directory.startswith(("./", "../", "/")) and not os.path.isdir(directory):
                 add(f"model {ref!r} not found (resolved from the working directory {os.getcwd()})", path)
         return problems
@@ -231,19 +218,34 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
                 )
                 break
 
+    # further models named by parameters (e.g. an unaligned model): local, same tensors
+    global_parameters = raw.get("parameters") or {}
+    for name in package_method(method).settings.model_fields_():
+        ref = global_parameters.get(name)
+        if not ref or not isinstance(ref, str):
+            continue
+        shapes = _model_shapes(ref, ("parameters", name), add)
+        if base_shapes is None or shapes is None:
+            continue
+        missing = sorted(set(base_shapes) - set(shapes))
+        differ = sorted(n for n in set(base_shapes) & set(shapes) if base_shapes[n] != shapes[n])
+        if missing:
+            add(f"{name}: model {ref} lacks {len(missing)} tensor(s) of the base model, e.g. {missing[0]}", ("parameters", name))
+        elif differ:
+            add(
+                f"{name}: model {ref}: tensor {differ[0]} has shape {list(shapes[differ[0]])}, base has "
+                f"{list(base_shapes[differ[0]])}",
+                ("parameters", name),
+            )
+
     if problems:
         return problems
     problems.extend(_check_files_and_artifact(method, raw, add))
     return problems
 
 
-def _model_directory(ref: Any) -> str:
-    """The local directory of a mergekit model reference (``path[@revision][+adapter]``)."""
-    return str(ref or "").split("+")[0].split("@")[0]
-
-
 def _model_shapes(ref: str, path: Tuple, add) -> Optional[Dict[str, Tuple[int, ...]]]:
-    directory = _model_directory(ref)
+    directory = local_directory(ref)
     if not os.path.isdir(directory):
         add(
             f"model {ref!r} is not a local directory (resolved from the working directory "
@@ -263,9 +265,14 @@ def _model_shapes(ref: str, path: Tuple, add) -> Optional[Dict[str, Tuple[int, .
 
 
 def _check_files_and_artifact(method, raw: Mapping[str, Any], add) -> List[Problem]:
-    from mergekit_safety.artifacts import ArtifactError, open_artifact
-    from mergekit_safety.locate import AUTO, Locator, request_from_config_data
+    from mergekit_safety.fusion.artifacts import open_artifact
+    from mergekit_safety.fusion.locate import Locator
+    from mergekit_safety.fusion.settings import AUTO
+    from mergekit_safety.plugin.config import request_from_config_data
 
+    from mergekit_safety.plugin.config import package_method
+
+    method = package_method(method)
     parameters = raw.get("parameters") or {}
     mask = parameters.get("mask")
     if isinstance(method, Locator):
@@ -277,7 +284,7 @@ def _check_files_and_artifact(method, raw: Mapping[str, Any], add) -> List[Probl
                 add(f"{name}: data file {path!r} not found (resolved from {os.getcwd()})", ("parameters", name))
                 continue
             try:
-                from mergekit_safety.data import read_jsonl
+                from mergekit_safety.engine.data import read_jsonl
 
                 read_jsonl(str(path))
             except Exception as error:
@@ -295,6 +302,7 @@ def _check_files_and_artifact(method, raw: Mapping[str, Any], add) -> List[Probl
             return []
         try:
             artifact = open_artifact(str(mask))
+            method.check_roles(artifact)
             experts = [m["model"] for m in raw.get("models") or [] if str(m.get("model")) != str(raw["base_model"])]
             artifact.check_models(str(raw["base_model"]), experts)
         except ArtifactError as error:

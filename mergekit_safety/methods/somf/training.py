@@ -1,10 +1,10 @@
 """SOMF mask learning: the functionally fused model, the DPO objective and the training loop.
 
 The fused model is one ``transformers`` model instance whose own weights are the **unmasked**
-fusion θ_A + Merge(τ_1, …, τ_n) (built tensor by tensor with :func:`mergekit_safety.core.fuse`,
+fusion θ_A + Merge(τ_1, …, τ_n) (built tensor by tensor with :func:`mergekit_safety.fusion.kernel.fuse`,
 the merge's own arithmetic). For the *masked* tensors, every step computes
 
-    θ[k] = core.fuse(θ_A[k], [θ_1[k], …, θ_n[k]], masks=TensorMasks(keep=[m[k]]*n, keep_rescale))
+    θ[k] = fuse(θ_A[k], [θ_1[k], …, θ_n[k]], masks=TensorMasks(keep=[m[k]]*n, keep_rescale))
 
 from a reparameterised Concrete sample ``m[k] = σ((s[k] + log u − log(1 − u)) / T)`` of the
 logits ``s[k]`` and runs the model with :func:`torch.func.functional_call` over those tensors.
@@ -48,68 +48,23 @@ import json
 import logging
 import math
 import os
-import re
 import time
-import zlib
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from mergekit_safety.core import TensorMasks, fuse
+from mergekit_safety.engine.checkpoint import Checkpoint, CheckpointError
+from mergekit_safety.engine.modules import ModuleSelectionError, select
+from mergekit_safety.engine.seeding import seeded, tensor_seed  # noqa: F401  (tensor_seed: public)
+from mergekit_safety.engine.tokenizer import TokenizerError, pad_id
+from mergekit_safety.fusion.kernel import TensorMasks, fuse
+from mergekit_safety.methods.somf.masks import mask_from_logits
 
 logger = logging.getLogger(__name__)
-
-#: presets of the ``modules`` parameter (anything else is a regular expression on tensor names)
-MODULE_PRESETS = ("attention", "mlp", "linear", "all")
-
-_ATTENTION = re.compile(r"(self_attn|attention|attn)\.")
-_MLP = re.compile(r"(mlp|feed_forward|ffn)\.")
 
 
 class SOMFTrainingError(ValueError):
     """Mask learning cannot run (models, data or settings); the message says which."""
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-class Checkpoint:
-    """Lazy, read-only access to the tensors of a model directory of safetensors files."""
-
-    def __init__(self, directory: str):
-        from safetensors import safe_open
-
-        self.directory = directory
-        index = os.path.join(directory, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index, "r", encoding="utf-8") as handle:
-                weight_map = json.load(handle)["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
-            weight_map = None
-        if not files:
-            raise SOMFTrainingError(f"{directory}: no .safetensors weights (SOMF reads safetensors only)")
-        self._handles = {f: safe_open(os.path.join(directory, f), framework="pt", device="cpu") for f in files}
-        if weight_map is None:
-            weight_map = {k: f for f, h in self._handles.items() for k in h.keys()}
-        self.weight_map: Dict[str, str] = dict(weight_map)
-        self.files = files
-
-    def names(self) -> List[str]:
-        return sorted(self.weight_map)
-
-    def names_in(self, file: str) -> List[str]:
-        return sorted(n for n, f in self.weight_map.items() if f == file)
-
-    def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._handles[self.weight_map[name]].get_tensor(name)
-        except KeyError:
-            raise SOMFTrainingError(f"{self.directory}: has no tensor {name!r}") from None
-
-    def shape(self, name: str) -> Tuple[int, ...]:
-        return tuple(self._handles[self.weight_map[name]].get_slice(name).get_shape())
 
 
 # --------------------------------------------------------------------------- masked tensors
@@ -124,53 +79,15 @@ def linear_weight_names(model) -> set:
 
 
 def select_masked(names: Iterable[str], spec: str, linear_names: set, shapes: Dict[str, tuple]) -> List[str]:
-    """Tensor names selected by the ``modules`` parameter (comma-separated presets or regexes).
-
-    ``attention`` / ``mlp``: 2-D weights inside attention / MLP blocks; ``linear``: weights of
-    every ``nn.Linear`` (including ``lm_head``); ``all``: every floating tensor; anything else
-    is a regular expression searched in the tensor name (e.g. ``q_proj|v_proj``).
-    """
-    tokens = [t.strip() for t in spec.split(",") if t.strip()]
-    if not tokens:
-        raise SOMFTrainingError("somf: `modules` selects nothing (give presets or regexes)")
-    chosen = set()
-    for token in tokens:
-        if token == "all":
-            hits = set(names)
-        elif token == "linear":
-            hits = {n for n in names if n in linear_names}
-        elif token == "attention":
-            hits = {n for n in names if _ATTENTION.search(n) and n.endswith(".weight") and len(shapes[n]) == 2}
-        elif token == "mlp":
-            hits = {n for n in names if _MLP.search(n) and n.endswith(".weight") and len(shapes[n]) == 2}
-        else:
-            try:
-                pattern = re.compile(token)
-            except re.error as error:
-                raise SOMFTrainingError(f"somf: `modules` entry {token!r} is neither a preset {MODULE_PRESETS} nor a valid regex ({error})") from None
-            hits = {n for n in names if pattern.search(n)}
-        if not hits:
-            raise SOMFTrainingError(f"somf: `modules` entry {token!r} matches no tensor of the model")
-        chosen |= hits
-    return sorted(chosen)
+    """Tensor names selected by the ``modules`` parameter (:mod:`mergekit_safety.engine.modules`:
+    ``linear`` includes ``lm_head``; ``all`` is every floating tensor)."""
+    try:
+        return select(names, spec, is_linear=lambda name: name in linear_names, shapes=shapes, owner="somf")
+    except ModuleSelectionError as error:
+        raise SOMFTrainingError(str(error)) from None
 
 
 # --------------------------------------------------------------------------- fusion
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """The merge kernel's per-tensor seed (core.MaskedFusion.merge_group)."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
-
-
-@contextlib.contextmanager
-def _seeded(seed: Optional[int], name: str):
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(tensor_seed(seed, name))
-        yield
 
 
 def concrete_sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
@@ -201,8 +118,11 @@ class FunctionalFusion:
             rescale=settings.rescale,
         )
         self.seed = settings.dare_seed
-        base = Checkpoint(base_path)
-        experts = [Checkpoint(p) for p in expert_paths]
+        try:
+            base = Checkpoint(base_path)
+            experts = [Checkpoint(p) for p in expert_paths]
+        except CheckpointError as error:
+            raise SOMFTrainingError(f"somf: {error} (SOMF reads safetensors only)") from None
         for path, checkpoint in zip(expert_paths, experts):
             missing = set(base.weight_map) - set(checkpoint.weight_map)
             if missing:
@@ -261,7 +181,7 @@ class FunctionalFusion:
     def _fused_plain(self, name: str, base: torch.Tensor, experts: List[torch.Tensor]) -> torch.Tensor:
         if not base.is_floating_point():
             return base
-        with _seeded(self.seed, name):
+        with seeded(self.seed, name):
             return fuse(base, experts, **self.fuse_kwargs)
 
     def _load_unmasked(self, base_path, base: "Checkpoint", experts, config, progress):
@@ -298,9 +218,10 @@ class FunctionalFusion:
             if item.endswith(".json") and not item.startswith("model.safetensors"):
                 shutil.copy(os.path.join(base_path, item), os.path.join(fused_dir, item))
         weight_map = {}
-        for file in tqdm(base.files, desc="somf: write unmasked fusion", disable=not progress, leave=False):
+        for path in tqdm(base.files, desc="somf: write unmasked fusion", disable=not progress, leave=False):
+            file = os.path.basename(path)
             tensors = {}
-            for name in base.names_in(file):
+            for name in base.names_in(path):
                 b = base.get(name).to(self.dtype) if base.get(name).is_floating_point() else base.get(name)
                 tensors[name] = self._fused_plain(name, b, [c.get(name).to(b.dtype) for c in experts]).contiguous()
                 weight_map[name] = file
@@ -327,7 +248,7 @@ class FunctionalFusion:
 
     def fused_tensor(self, name: str, mask: torch.Tensor) -> torch.Tensor:
         masks = TensorMasks(keep=[mask] * len(self.experts[name]), keep_rescale=self.settings.keep_rescale)
-        with _seeded(self.seed, name):
+        with seeded(self.seed, name):
             return fuse(self.base[name], self.experts[name], masks=masks, **self.fuse_kwargs)
 
     def parameters_for(self, masks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -337,8 +258,6 @@ class FunctionalFusion:
         return {name: concrete_sample(self.logits[name], self.settings.temperature, generator) for name in self.names}
 
     def fixed_masks(self, mode: str = "binary") -> Dict[str, torch.Tensor]:
-        from mergekit_safety.methods.somf import mask_from_logits
-
         return {name: mask_from_logits(self.logits[name].detach(), mode).to(self.device) for name in self.names}
 
     def forward(self, params: Optional[Dict[str, torch.Tensor]], input_ids, attention_mask) -> torch.Tensor:
@@ -366,7 +285,7 @@ class _meta_device(contextlib.ContextDecorator):
 
 
 def _dtype_of(checkpoint: Checkpoint, name: str) -> torch.dtype:
-    dtype = checkpoint._handles[checkpoint.weight_map[name]].get_slice(name).get_dtype()
+    dtype = checkpoint.dtype_name(name)
     table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
     return table.get(dtype, torch.int64)
 
@@ -391,38 +310,31 @@ def masked_device_map(skeleton, masked_names: Sequence[str], device: str) -> Dic
 
 
 def load_tokenizer(base_path: str):
-    from transformers import AutoTokenizer
+    from mergekit_safety.engine.tokenizer import load_tokenizer as load
 
     try:
-        return AutoTokenizer.from_pretrained(base_path)
-    except Exception as error:  # transformers raises many types here
-        raise SOMFTrainingError(f"{base_path}: no usable tokenizer for the SOMF data ({error})") from error
-
-
-def _pad_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if value is not None:
-            return int(value)
-    return 0
+        return load(base_path)
+    except TokenizerError as error:
+        raise SOMFTrainingError(f"{base_path}: no usable tokenizer for the SOMF data ({error})") from None
 
 
 def encode_pairs(path: str, tokenizer, max_length: int):
     """(ids [2N, T], attention [2N, T], response [2N, T]): N chosen rows then N rejected rows."""
-    from mergekit_safety.data import collate, encode_example, read_jsonl
+    from mergekit_safety.engine.data import collate, encode_example, read_jsonl
 
     records = read_jsonl(path, ("prompt", "chosen", "rejected"))
     encoded = [encode_example(tokenizer, r["prompt"], r["chosen"], max_length) for r in records]
     encoded += [encode_example(tokenizer, r["prompt"], r["rejected"], max_length) for r in records]
-    batch = collate(encoded, _pad_id(tokenizer))
+    batch = collate(encoded, pad_id(tokenizer))
     return batch["input_ids"], batch["attention_mask"], batch["response_mask"], len(records)
 
 
 def encode_utility(path: str, tokenizer, max_length: int):
-    from mergekit_safety.data import collate, encode_example, read_jsonl
+    from mergekit_safety.engine.data import collate, encode_example, read_jsonl
 
     records = read_jsonl(path, ("prompt", "response"))
     encoded = [encode_example(tokenizer, r["prompt"], r["response"], max_length) for r in records]
-    batch = collate(encoded, _pad_id(tokenizer))
+    batch = collate(encoded, pad_id(tokenizer))
     return batch["input_ids"], batch["attention_mask"], batch["response_mask"]
 
 

@@ -1,0 +1,133 @@
+"""The one reader of model checkpoints: safetensors shards of a model directory.
+
+Every part of the package that reads weights outside mergekit's own loader (fingerprints,
+config checks, calibration, SOMF training, Antidote scoring) goes through this module, so a
+checkpoint layout (an index file, or loose ``*.safetensors`` files) is understood the same way
+everywhere. Only safetensors are ever read: no pickle is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from typing import Any, Dict, List, Tuple
+
+
+class CheckpointError(ValueError):
+    """A model directory has no readable safetensors weights, or lacks a tensor."""
+
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def safetensors_files(directory: str) -> List[str]:
+    """Paths of the weight files of a model directory (from its index file if it has one)."""
+    index = os.path.join(directory, INDEX_FILE)
+    if os.path.exists(index):
+        with open(index, "r", encoding="utf-8") as handle:
+            weight_map = json.load(handle)["weight_map"]
+        return sorted({os.path.join(directory, name) for name in weight_map.values()})
+    if not os.path.isdir(directory):
+        return []
+    names = sorted(name for name in os.listdir(directory) if name.endswith(".safetensors"))
+    return [os.path.join(directory, name) for name in names]
+
+
+def read_header(path: str) -> Dict[str, Any]:
+    """The JSON header of one safetensors file (names, dtypes, shapes, offsets)."""
+    with open(path, "rb") as handle:
+        raw_length = handle.read(8)
+        if len(raw_length) != 8:
+            raise CheckpointError(f"{path}: not a safetensors file (truncated header)")
+        (length,) = struct.unpack("<Q", raw_length)
+        if length > os.path.getsize(path) - 8:
+            raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
+        return json.loads(handle.read(length))
+
+
+def header_shapes(directory: str) -> Dict[str, Tuple[int, ...]]:
+    """Tensor name → shape of a model directory, from the safetensors headers only."""
+    shapes = {}
+    for path in safetensors_files(directory):
+        for name, info in read_header(path).items():
+            if name != "__metadata__":
+                shapes[name] = tuple(info["shape"])
+    return shapes
+
+
+class Checkpoint:
+    """Lazy, read-only, thread-safe access to the tensors of a model directory.
+
+    File handles (memory maps) are opened on first use and kept until :meth:`release`: pages
+    of memory-mapped shards count in the resident set until their handle closes, so streaming
+    readers release after each layer (docs/performance_calibration.md).
+    """
+
+    def __init__(self, directory: str):
+        from safetensors import safe_open
+
+        self.directory = os.path.abspath(directory)
+        index = os.path.join(self.directory, INDEX_FILE)
+        if os.path.exists(index):
+            with open(index, "r", encoding="utf-8") as handle:
+                weight_map = json.load(handle)["weight_map"]
+            self.weight_map: Dict[str, str] = {n: os.path.join(self.directory, f) for n, f in weight_map.items()}
+        else:
+            files = safetensors_files(self.directory)
+            if not files:
+                raise CheckpointError(f"{self.directory}: no safetensors weights found")
+            self.weight_map = {}
+            for path in files:
+                with safe_open(path, framework="pt", device="cpu") as handle:
+                    for name in handle.keys():
+                        self.weight_map[name] = path
+        if not self.weight_map:
+            raise CheckpointError(f"{self.directory}: no safetensors weights found")
+        self.files = sorted(set(self.weight_map.values()))
+        self._handles: Dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> List[str]:
+        return sorted(self.weight_map)
+
+    def names_in(self, file: str) -> List[str]:
+        """Tensor names stored in ``file`` (a path from :attr:`files`)."""
+        return sorted(n for n, f in self.weight_map.items() if f == file)
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def _handle(self, name: str):
+        from safetensors import safe_open
+
+        path = self.weight_map.get(name)
+        if path is None:
+            raise CheckpointError(f"{self.directory}: tensor {name!r} not found in the checkpoint")
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = safe_open(path, framework="pt", device="cpu")
+            self._handles[path] = handle
+        return handle
+
+    def get(self, name: str):
+        with self._lock:
+            return self._handle(name).get_tensor(name)
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        with self._lock:
+            return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def dtype_name(self, name: str) -> str:
+        """The safetensors dtype string of a tensor (``F32``, ``BF16``, ``I64``, …)."""
+        with self._lock:
+            return self._handle(name).get_slice(name).get_dtype()
+
+    def describe(self) -> str:
+        return self.directory
+
+    def release(self) -> None:
+        """Close the file handles (and their memory maps); they reopen on the next read."""
+        with self._lock:
+            self._handles.clear()

@@ -1,0 +1,182 @@
+"""The fusion kernel every method of this package shares: one pure function, :func:`fuse`.
+
+    θ = θ_A + project(post_keep ⊙ λ·Merge(P_1(τ_1 ⊙ keep_1), …, P_n(τ_n ⊙ keep_n))) + add,
+    τ_i = θ_i − θ_A
+
+θ_A is the config's ``base_model`` (the safety-aligned model), ``Merge`` a selectable backbone
+(task arithmetic, TIES, DARE linear/TIES, mean) built from mergekit's own sparsification
+(``mergekit.sparsify``) and sign consensus (``get_mask``), so that with every mask at "keep"
+the output equals mergekit's built-in method bit for bit. Optional extras, used by the
+methods built on this core:
+
+* ``keep_rescale`` — SOMF's per-tensor rescale τ̃ = m ⊙ τ / mean(m);
+* ``expert_zero`` — entries of an expert's weights set to 0 before fusion (Antidote's
+  "zero" mode applied per expert);
+* ``zero`` — entries of the fused output set to 0 (Antidote's "zero" mode on the fusion);
+* ``expert_project`` — a function P_i applied to expert i's (masked) task vector before
+  sparsification and fusion (e.g. Safe LoRA's projection of each update);
+* ``project`` — a function applied to the fused update (after λ and ``post_keep``);
+* ``add`` — a tensor added to the output (e.g. RESTA's safety vector γ·(θ_A − θ_U)).
+
+Every slot left at None changes nothing, so with no masks the output is exactly the mergekit
+backbone. A method supplies the slots for one output tensor through
+:meth:`mergekit_safety.fusion.method.FusionMethod.tensor_masks`; the arithmetic lives once, here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+# mergekit's own sparsification and sign consensus (library code, reused so that the output
+# equals mergekit's built-in methods bit for bit)
+from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
+
+
+class Backbone(str, Enum):
+    task_arithmetic = "task_arithmetic"
+    ties = "ties"
+    dare_linear = "dare_linear"
+    dare_ties = "dare_ties"
+    mean = "mean"
+
+
+@dataclass(frozen=True)
+class BackboneDefinition:
+    sparsification: Optional[SparsificationMethod]
+    consensus: bool
+    default_normalize: bool
+    default_rescale: bool
+    mergekit_equivalent: str
+
+
+# Defaults mirror the corresponding mergekit built-ins (registry.py of mergekit 0.1.5).
+BACKBONES: Dict[Backbone, BackboneDefinition] = {
+    Backbone.task_arithmetic: BackboneDefinition(None, False, False, False, "task_arithmetic"),
+    Backbone.ties: BackboneDefinition(SparsificationMethod.magnitude, True, True, False, "ties"),
+    Backbone.dare_linear: BackboneDefinition(SparsificationMethod.random, False, False, True, "dare_linear"),
+    Backbone.dare_ties: BackboneDefinition(SparsificationMethod.random, True, False, True, "dare_ties"),
+    # θ_A + Σ w_i τ_i / Σ w_i: with unit weights, the mean of the experts (mergekit `linear`
+    # over the experts alone).
+    Backbone.mean: BackboneDefinition(None, False, True, False, "linear"),
+}
+
+
+@dataclass
+class TensorMasks:
+    """What one method applies to one output tensor (None = leave alone)."""
+
+    keep: List[Optional[torch.Tensor]] = field(default_factory=list)  # one per expert
+    post_keep: Optional[torch.Tensor] = None
+    zero: Optional[torch.Tensor] = None
+    expert_zero: List[Optional[torch.Tensor]] = field(default_factory=list)
+    keep_rescale: bool = False
+    expert_project: List[Optional[Callable[[torch.Tensor], torch.Tensor]]] = field(default_factory=list)
+    project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    add: Optional[torch.Tensor] = None
+
+
+def fuse(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    backbone: Backbone = Backbone.task_arithmetic,
+    weights: Optional[Sequence[float]] = None,
+    densities: Optional[Sequence[float]] = None,
+    lambda_: float = 1.0,
+    normalize: Optional[bool] = None,
+    rescale: Optional[bool] = None,
+    int8_mask: bool = False,
+    masks: Optional[TensorMasks] = None,
+) -> torch.Tensor:
+    """Fuse expert tensors with the aligned ``base`` through masked task vectors.
+
+    Pure: inputs are not modified. Random backbones (DARE) draw from torch's global RNG,
+    exactly as mergekit does; callers that want reproducibility seed it.
+    """
+    backbone = Backbone(backbone)
+    definition = BACKBONES[backbone]
+    count = len(experts)
+    if count == 0:
+        return base
+    weights = [1.0] * count if weights is None else list(weights)
+    densities = [1.0] * count if densities is None else list(densities)
+    normalize = definition.default_normalize if normalize is None else normalize
+    rescale = definition.default_rescale if rescale is None else rescale
+    masks = masks or TensorMasks()
+
+    deltas = base.new_empty((count, *base.shape))
+    last_keep, density = None, None
+    for index, expert in enumerate(experts):
+        zero = masks.expert_zero[index] if index < len(masks.expert_zero) else None
+        if zero is not None:
+            expert = torch.where(zero.bool(), torch.zeros_like(expert), expert)
+        keep = masks.keep[index] if index < len(masks.keep) else None
+        slot = deltas[index]
+        differentiable = torch.is_grad_enabled() and (
+            expert.requires_grad or base.requires_grad or (keep is not None and keep.requires_grad)
+        )
+        if expert.dtype == base.dtype and not differentiable:
+            # write τ_i straight into its slot and mask it in place: no temporary per expert
+            # (not when autograd tracks the inputs, e.g. SOMF's mask logits: out= is not
+            # differentiable, so that path keeps the out-of-place ops below)
+            delta = torch.sub(expert, base, out=slot)
+            if keep is not None:
+                delta.mul_(keep)
+        else:
+            delta = expert - base
+            if keep is not None:
+                delta = delta * keep
+        if keep is not None and masks.keep_rescale:
+            if keep is not last_keep:  # SOMF shares one mask: its density is computed once
+                last_keep, density = keep, keep.float().mean()
+            delta = delta / density if density > 0 else torch.zeros_like(delta)
+        project = masks.expert_project[index] if index < len(masks.expert_project) else None
+        if project is not None:
+            delta = project(delta)
+        if definition.sparsification is not None:
+            delta = sparsify(
+                delta,
+                density=densities[index],
+                method=definition.sparsification,
+                rescale_norm=RescaleNorm.l1 if rescale else None,
+            )
+        if delta is not slot:  # computed out of place (or rescaled / sparsified since)
+            slot.copy_(delta)
+        del delta, slot
+
+    weight_tensor = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)
+    while deltas.dim() > weight_tensor.dim():
+        weight_tensor.unsqueeze_(-1)
+    deltas.mul_(weight_tensor)
+
+    if definition.consensus:
+        mask_dtype = torch.int8 if int8_mask else base.dtype
+        agree = get_mask(deltas, method="sum", mask_dtype=mask_dtype)
+        mixed = (deltas * agree).sum(dim=0)
+        divisor = (weight_tensor * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weight_tensor.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    del deltas
+
+    if normalize:
+        mixed /= divisor
+    if lambda_ != 1:
+        mixed *= lambda_
+    if masks.post_keep is not None:
+        mixed = mixed * masks.post_keep
+    if masks.project is not None:
+        mixed = masks.project(mixed)
+    result = base + mixed
+    if masks.add is not None:
+        result = result + masks.add
+    if masks.zero is not None:
+        result = torch.where(masks.zero.bool(), torch.zeros_like(result), result)
+    return result.to(base.dtype)

@@ -1,0 +1,212 @@
+"""A method's settings: the single declaration of its YAML parameters.
+
+Every method declares one pydantic model, a subclass of :class:`FusionSettings`. Each field is
+one YAML parameter, declared with :func:`setting`: its type and range (pydantic constraints),
+default, meaning, and its role. Everything else is derived from it:
+
+* the mergekit parameter list of the method (:mod:`mergekit_safety.plugin.adapter`), hence
+  ``mergekit-safety methods`` and the ranges ``mergekit-safety check`` enforces;
+* the locate fingerprint: the fields whose values are recorded in an artifact, so that
+  changing one makes the artifact stale (:meth:`FusionSettings.locate_fields`), the data files
+  whose sha256 is recorded (``data=True``), the further model references that are
+  fingerprinted like the base model and the experts (``model=True``);
+* CLI options that expose settings (``mergekit-safety inspect``).
+
+Roles of a field:
+
+* plain — read by the merge kernel per tensor; does not change an artifact;
+* ``locate=True`` — changes what the locate step computes (recorded in the artifact);
+* ``data=True`` — a data file the locate step reads (its path and sha256 are recorded);
+* ``model=True`` — a further model reference (e.g. an unaligned model), fingerprinted;
+* ``fusion=True`` — a setting of the fusion backbone; recorded when the method's artifact
+  depends on the fusion (:attr:`FusionSettings.artifact_depends_on_fusion`);
+* ``per_model=True`` — a value per expert (``models: - parameters:``), not global.
+
+Shared keys have one meaning everywhere: ``modules`` is :mod:`mergekit_safety.engine.modules`'s
+grammar; ``batch_size`` is examples per forward pass — for calibration it does not change the
+result (not recorded); for SOMF every forward pass is one optimisation step, so it does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Tuple
+
+from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import Annotated
+
+UnitInterval = Annotated[float, Field(ge=0.0, le=1.0)]
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+BACKBONE_NAMES = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "mean")
+DARE_BACKBONES = ("dare_linear", "dare_ties")
+AUTO = "auto"
+
+
+def setting(
+    default: Any,
+    description: str,
+    *,
+    locate: bool = False,
+    data: bool = False,
+    model: bool = False,
+    fusion: bool = False,
+    per_model: bool = False,
+    internal: bool = False,
+    alias: Optional[str] = None,
+    **constraints: Any,
+):
+    """A settings field: one YAML parameter (see the module docstring for the roles).
+    ``internal=True``: not a YAML parameter (filled by the method, e.g. from per-model values)."""
+    extra = {
+        "locate": locate or data or model, "data": data, "model": model, "fusion": fusion,
+        "per_model": per_model, "internal": internal,
+    }
+    return Field(default, description=description, alias=alias, json_schema_extra=extra, **constraints)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One YAML parameter as derived from a settings field."""
+
+    name: str  # as written in YAML (the field's alias, if any)
+    field: str  # the pydantic field name
+    value_type: Any  # the annotation with its constraints (Annotated[...] when constrained)
+    default: Any
+    description: str
+    per_model: bool
+    locate: bool
+    data: bool
+    model: bool
+    fusion: bool
+
+
+class DeclaredSettings(BaseModel):
+    """A group of parameters declared with :func:`setting` (derivations below)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @classmethod
+    def parameters(cls) -> Tuple[Parameter, ...]:
+        """Every YAML parameter: global ones in declaration order, then per-model ones."""
+        found = []
+        for name, info in cls.model_fields.items():
+            extra = info.json_schema_extra or {}
+            if extra.get("internal"):
+                continue
+            value_type = info.annotation
+            if info.metadata:
+                value_type = Annotated[tuple([value_type, *info.metadata])]
+            found.append(
+                Parameter(
+                    name=info.alias or name,
+                    field=name,
+                    value_type=value_type,
+                    default=info.default,
+                    description=info.description or "",
+                    per_model=bool(extra.get("per_model")),
+                    locate=bool(extra.get("locate")),
+                    data=bool(extra.get("data")),
+                    model=bool(extra.get("model")),
+                    fusion=bool(extra.get("fusion")),
+                )
+            )
+        return tuple([p for p in found if not p.per_model] + [p for p in found if p.per_model])
+
+    @classmethod
+    def parameter(cls, name: str) -> Parameter:
+        for parameter in cls.parameters():
+            if parameter.name == name:
+                return parameter
+        raise KeyError(f"{cls.__name__} has no parameter {name!r}")
+
+
+class FusionSettings(DeclaredSettings):
+    """Parameters of every method: the fusion backbone and an optional mask artifact."""
+
+    #: whether the artifact depends on the fusion (its backbone settings and per-model
+    #: weights/densities are then recorded in it, e.g. SOMF trains through the fusion)
+    artifact_depends_on_fusion: ClassVar[bool] = False
+
+    mask: str = setting(
+        "",
+        "path of a mask artifact (safetensors, roles keep/post_keep/zero); empty = keep all. "
+        "Relative paths resolve from the working directory.",
+    )
+    backbone: Literal[BACKBONE_NAMES] = setting(
+        "task_arithmetic",
+        "how the masked task vectors are combined: task_arithmetic, ties, dare_linear, "
+        "dare_ties or mean (mergekit's own code)",
+        fusion=True,
+    )
+    lambda_: float = setting(1.0, "scale of the fused task vector", alias="lambda", fusion=True)
+    normalize: Optional[bool] = setting(
+        None, "divide by the sum of weights (default: the backbone's mergekit default)", fusion=True
+    )
+    rescale: Optional[bool] = setting(
+        None, "rescale sparsified task vectors to their L1 norm (default: as mergekit)", fusion=True
+    )
+    int8_mask: bool = setting(False, "store the TIES sign mask as int8")
+    seed: Optional[int] = setting(
+        None, "seed for DARE's random drop (per tensor); empty = torch's global RNG", fusion=True
+    )
+    weight: float = setting(1.0, "per-model weight of the task vector", per_model=True, fusion=True)
+    density: UnitInterval = setting(
+        1.0, "per-model share of the task vector TIES/DARE keep", per_model=True, fusion=True
+    )
+
+    # ---- derived declarations
+
+    @classmethod
+    def locate_fields(cls) -> Tuple[str, ...]:
+        """Global parameters recorded in an artifact (a change makes it stale)."""
+        return tuple(
+            p.name for p in cls.parameters()
+            if not p.per_model and (p.locate or (p.fusion and cls.artifact_depends_on_fusion))
+        )
+
+    @classmethod
+    def expert_locate_fields(cls) -> Tuple[str, ...]:
+        """Per-model parameters recorded in an artifact."""
+        return tuple(
+            p.name for p in cls.parameters()
+            if p.per_model and (p.locate or (p.fusion and cls.artifact_depends_on_fusion))
+        )
+
+    @classmethod
+    def data_fields(cls) -> Tuple[str, ...]:
+        return tuple(p.name for p in cls.parameters() if p.data)
+
+    @classmethod
+    def model_fields_(cls) -> Tuple[str, ...]:
+        """Parameters naming further models (fingerprinted like the base model)."""
+        return tuple(p.name for p in cls.parameters() if p.model)
+
+    @classmethod
+    def defaults(cls) -> Dict[str, Any]:
+        """Global parameter name → default."""
+        return {p.name: p.default for p in cls.parameters() if not p.per_model}
+
+    @classmethod
+    def from_parameters(cls, values: Dict[str, Any]) -> "FusionSettings":
+        """Validated settings from global YAML values (per-model ones are left out)."""
+        known = {p.name for p in cls.parameters() if not p.per_model}
+        return cls.model_validate({k: v for k, v in values.items() if k in known})
+
+
+def subset(settings_class, names: List[str]):
+    """The parameters of ``settings_class`` named ``names`` (e.g. to derive CLI options)."""
+    return [settings_class.parameter(name) for name in names]
+
+
+class LocatingSettings(FusionSettings):
+    """Parameters of a method whose artifact is computed from its YAML's models and data."""
+
+    mask: str = setting(
+        AUTO,
+        "artifact path, or 'auto' (default: content-addressed file in the cache); computed "
+        "from the models and data on first use if missing, refused if stale",
+    )

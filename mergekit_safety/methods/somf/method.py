@@ -1,0 +1,185 @@
+"""``somf``: subspace-oriented model fusion (Yi et al., arXiv 2405.09055).
+
+    θ[k] = θ_A[k] + Merge(τ̃_1[k], …, τ̃_n[k]),   τ̃_i[k] = m[k] ⊙ τ_i[k] / mean(m[k]),   τ_i = θ_i − θ_A
+
+One real logit ``s`` per element of every *masked* tensor, **shared by all task vectors**,
+is learned by :mod:`mergekit_safety.methods.somf.training` (the locate step: Concrete relaxation,
+DPO on safety preference pairs, gradients reach only the logits). At merge time the mask is
+
+* ``mask_mode: binary`` (default) — the deterministic ``m = 1[s > 0]`` (the authors' code draws
+  one unseeded Bernoulli sample; thresholding at 0 is its mode and reproducible), or
+* ``mask_mode: expected`` — ``m = σ(s)``, the relaxed mask's mean.
+
+The per-tensor rescale ``/ mean(m)`` of the paper is ``keep_rescale`` (on by default). Tensors
+without logits (not selected by ``modules``, or with a zero task vector for every expert, e.g.
+outside a LoRA's target modules) are fused by the plain backbone — exactly as training assumed.
+``control: random`` replaces each learned binary mask by a seeded random mask of the same
+per-tensor density: the equal-density control every masking result must beat.
+
+Configuration (every YAML parameter has a default, so mergekit's regression test, which runs
+every registered method with defaults, keeps passing; without ``preference_data`` and without
+an explicit ``mask`` file the method warns and is the plain backbone):
+every parameter is declared once, in :class:`SOMFSettings`. See docs/somf.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, ClassVar, Dict, Literal, Optional, Tuple
+
+import torch
+
+from mergekit_safety.fusion.artifacts import ArtifactError, tensor_key
+from mergekit_safety.fusion.kernel import TensorMasks
+from mergekit_safety.fusion.method import LocatingFusionMethod, TensorInputs
+from mergekit_safety.fusion.settings import (
+    DARE_BACKBONES,
+    LocatingSettings,
+    NonNegative,
+    NonNegativeInt,
+    Positive,
+    PositiveInt,
+    setting,
+)
+from mergekit_safety.methods.somf.masks import mask_from_logits, random_control_mask
+
+logger = logging.getLogger(__name__)
+
+LOGITS_ROLE = "logits"
+
+
+class SOMFSettings(LocatingSettings):
+    """Every SOMF parameter (validated; the locate settings are recorded in the artifact)."""
+
+    artifact_depends_on_fusion: ClassVar[bool] = True  # the mask is trained through the fusion
+
+    # data
+    preference_data: str = setting("", "JSONL of safety preference pairs (prompt, chosen refusal, rejected harmful answer)", data=True)
+    utility_data: str = setting("", "optional JSONL of benign (prompt, response) for the utility term", data=True)
+    max_length: PositiveInt = setting(256, "token limit per example (prompt cut from the left)", locate=True)
+    # mask
+    modules: str = setting("linear", "masked tensors: comma list of presets (attention, mlp, linear, all) or regexes on tensor names", locate=True)
+    temperature: Positive = setting(0.5, "Concrete relaxation temperature (paper: 0.5)", locate=True)
+    init: float = setting(0.0, "initial mask logit (paper: 0, p = 0.5)", locate=True)
+    keep_rescale: bool = setting(True, "per-tensor rescale τ̃ = m ⊙ τ / mean(m) (paper)", locate=True)
+    # objective
+    beta: Positive = setting(0.1, "DPO β", locate=True)
+    reference: Literal["fusion", "aligned", "none"] = setting("fusion", "DPO reference log-probs: fusion = the unmasked fusion (default), aligned = the base (aligned) model — the mask must make the fusion prefer refusals at least as much as the aligned model does —, none = reference-free margin", locate=True)
+    chosen_nll_weight: NonNegative = setting(0.0, "weight of a per-token NLL on the chosen (safe) answers, RPO-style (extension; 0 = off)", locate=True)
+    utility_weight: NonNegative = setting(0.0, "weight of the utility term on utility_data (extension; 0 = off)", locate=True)
+    utility_loss: Literal["kl", "ce"] = setting("kl", "utility term: kl to the unmasked fusion, or ce on the responses", locate=True)
+    sparsity_weight: NonNegative = setting(0.0, "weight of a penalty on the expected mask density (extension; 0 = off)", locate=True)
+    entropy_weight: NonNegative = setting(0.0, "weight of a penalty on the mean binary entropy of σ(s): decided logits, so the exported binary mask is the model training saw (extension; 0 = off)", locate=True)
+    # optimisation
+    lr: Positive = setting(1e-2, "AdamW learning rate (cosine decay)", locate=True)
+    steps: PositiveInt = setting(300, "optimisation steps", locate=True)
+    batch_size: PositiveInt = setting(16, "preference pairs (and utility examples) per step", locate=True)
+    train_seed: int = setting(0, "seed of the mask training (batches, Concrete noise; DARE drop if `seed` is empty)", locate=True)
+    # execution (not recorded: they do not change the result beyond float rounding)
+    device: str = setting("cpu", "device of the mask training (cpu, cuda, cuda:1, ...)")
+    dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "model dtype during mask training (logits stay float32)")
+    offload_folder: str = setting("", "train with the unmasked modules offloaded to this folder (accelerate); empty = all in memory")
+    threads: NonNegativeInt = setting(0, "torch CPU threads during mask training (0 = torch's default; 1 is fastest for tiny models)")
+    # merge time
+    mask_mode: Literal["binary", "expected", "sample"] = setting("binary", "merge-time mask: binary 1[s>0], expected σ(s), or sample (one seeded Bernoulli(σ(s)) draw, as the authors' code)")
+    control: Literal["none", "random"] = setting("none", "random = equal-density random mask per tensor (control experiment)")
+    control_seed: int = setting(0, "seed of the random control mask and of mask_mode: sample")
+    # filled from the per-model weight/density of the experts (training fuses like the merge)
+    weights: Tuple[float, ...] = setting((), "per-expert weights", internal=True)
+    densities: Tuple[float, ...] = setting((), "per-expert densities", internal=True)
+
+    @property
+    def dare_seed(self) -> Optional[int]:
+        """Seed of DARE's per-tensor random drop: ``seed`` if set, else ``train_seed`` — the
+        merge uses the same rule, so the drop at merge time is the drop training saw."""
+        if self.backbone not in DARE_BACKBONES:
+            return self.seed
+        return self.train_seed if self.seed is None else self.seed
+
+    @classmethod
+    def from_request(cls, request) -> "SOMFSettings":
+        p = dict(request.parameters)
+        known = {q.name for q in cls.parameters() if not q.per_model}
+        fields = {name: p[name] for name in known if name in p}
+        fields["weights"] = tuple(
+            float(request.expert_parameters.get(e, {}).get("weight", 1.0)) for e in request.experts
+        )
+        fields["densities"] = tuple(
+            float(request.expert_parameters.get(e, {}).get("density", 1.0)) for e in request.experts
+        )
+        if not fields.get("preference_data"):
+            raise ArtifactError(
+                f"{request.method}: `preference_data` (JSONL of prompt/chosen/rejected safety "
+                "pairs) is required to learn the mask"
+            )
+        return cls.model_validate(fields)
+
+
+class SOMF(LocatingFusionMethod):
+    name = "somf"
+    pretty_name = "SOMF: subspace-oriented model fusion (learned safety-subspace mask)"
+    reference_url = "https://arxiv.org/abs/2405.09055"
+    summary = (
+        "θ_A + Merge(m ⊙ τ_i / mean(m)) with one mask m shared by all task vectors, learned "
+        "with DPO on safety preference pairs over the functionally fused model."
+    )
+
+    settings = SOMFSettings
+    binds_experts = True
+    artifact_roles = (LOGITS_ROLE,)
+
+    def artifact_record(self, request):
+        # The merge kernel substitutes train_seed for an empty DARE seed (merge_group below):
+        # record the effective seed so `locate` and the kernel describe the same artifact.
+        parameters = dict(request.parameters)
+        if parameters.get("seed") is None and parameters.get("backbone") in DARE_BACKBONES:
+            parameters["seed"] = parameters.get("train_seed", 0)
+            request = dataclasses.replace(request, parameters=parameters)
+        return super().artifact_record(request)
+
+    def can_locate(self, parameters: Dict[str, Any]) -> bool:
+        return bool(parameters.get("preference_data"))  # utility_data is optional
+
+    def compute_artifact(self, request):
+        from mergekit_safety.fusion.models import resolve_model
+        from mergekit_safety.methods.somf.training import train_mask
+
+        settings = SOMFSettings.from_request(request)
+        base = resolve_model(request.base)
+        experts = [resolve_model(e) for e in request.experts]
+        logits, extra = train_mask(base, experts, settings)
+        tensors = {tensor_key(LOGITS_ROLE, name): value for name, value in logits.items()}
+        return tensors, extra
+
+    # ---- merge
+
+    def merge(self, inputs: TensorInputs, parameters: Dict[str, Any]) -> torch.Tensor:
+        if parameters.get("seed") is None and parameters.get("backbone") in DARE_BACKBONES:
+            # the same DARE drop the mask was trained through (SOMFSettings.dare_seed)
+            parameters = {**parameters, "seed": parameters.get("train_seed", 0)}
+        return super().merge(inputs, parameters)
+
+    def masks_from_artifact(self, artifact, inputs: TensorInputs, parameters: Dict[str, Any]) -> TensorMasks:
+        name = inputs.name
+        base = inputs.base
+        key = tensor_key(LOGITS_ROLE, name)
+        if not artifact.has(key):
+            return TensorMasks()  # not a masked tensor: plain backbone, as in training
+        shape = artifact.shape(key)
+        if shape != tuple(base.shape):
+            raise ArtifactError(
+                f"{artifact.path}: logits {key!r} have shape {list(shape)} but tensor {name} has "
+                f"shape {list(base.shape)} — the artifact was made for other models; recompute it"
+            )
+        mode = parameters.get("mask_mode", "binary")
+        if mode == "binary" and parameters.get("control", "none") != "random":
+            # the same 1[s > 0] as mask_from_logits, straight to the merge dtype (no float copy)
+            mask = (artifact.get(key) > 0).to(device=base.device, dtype=base.dtype)
+        else:
+            mask = mask_from_logits(artifact.get(key), mode, name, int(parameters.get("control_seed", 0)))
+            if parameters.get("control", "none") == "random":
+                mask = random_control_mask(mask, name, int(parameters.get("control_seed", 0)))
+            mask = mask.to(device=base.device, dtype=base.dtype)
+        keep_rescale = bool(artifact.metadata.settings.get("keep_rescale", parameters.get("keep_rescale", True)))
+        return TensorMasks(keep=[mask] * len(inputs.experts), keep_rescale=keep_rescale)

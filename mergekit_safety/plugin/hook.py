@@ -1,0 +1,132 @@
+"""Plugin discovery for plain mergekit, installed by ``mergekit_safety_plugins.pth``.
+
+mergekit 0.1.5 reads no entry points, so ``mergekit-yaml`` would never see a plugin's
+methods. Site's ``.pth`` processing imports this module at interpreter start. It must stay
+standard-library only and cheap (~1 ms): it imports neither torch nor mergekit. It puts a
+meta-path finder in front of the import system that waits for the package
+``mergekit.merge_methods`` to finish executing (the registry is complete by then; firing on
+``...registry`` would see a half-initialised package), and then calls every entry point of
+the group ``mergekit.merge_methods``, this package's and any other plugin's.
+
+Guarantees:
+- idempotent: in a venv the ``.pth`` line can run twice per start; only one finder is
+  installed, and each entry point runs at most once per process;
+- a broken plugin warns and leaves mergekit working;
+- ``MERGEKIT_SAFETY_DISABLE=1`` (this package) or ``MERGEKIT_PLUGINS_DISABLE=1`` (every
+  plugin of the group) turns discovery off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib.abc import Loader, MetaPathFinder
+
+ENTRY_POINT_GROUP = "mergekit.merge_methods"
+TARGET_MODULE = "mergekit.merge_methods"
+_DISABLE_ALL = "MERGEKIT_PLUGINS_DISABLE"
+_DISABLE_THIS = "MERGEKIT_SAFETY_DISABLE"
+_THIS_DISTRIBUTION = "mergekit-safety"
+# Kept on the sys module so a second import of this file (a second .pth run, or a reload)
+# shares the state instead of installing a second finder.
+_STATE_ATTR = "_mergekit_plugin_hook_state"
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _state() -> dict:
+    state = getattr(sys, _STATE_ATTR, None)
+    if state is None:
+        state = {"loaded": set(), "finder": None}
+        setattr(sys, _STATE_ATTR, state)
+    return state
+
+
+def load_plugins() -> list[str]:
+    """Run each entry point of the group once; return the names that ran successfully."""
+    import warnings
+
+    if _truthy(os.environ.get(_DISABLE_ALL)):
+        return []
+    from importlib.metadata import entry_points
+
+    state = _state()
+    ran = []
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        distribution = getattr(entry_point, "dist", None)
+        dist_name = getattr(distribution, "name", "") or ""
+        if _truthy(os.environ.get(_DISABLE_THIS)) and dist_name.replace("_", "-") == _THIS_DISTRIBUTION:
+            continue
+        key = (entry_point.name, entry_point.value)
+        if key in state["loaded"]:
+            continue
+        state["loaded"].add(key)
+        try:
+            entry_point.load()()
+        except Exception as error:  # a plugin must never break mergekit itself
+            warnings.warn(
+                f"mergekit plugin {entry_point.name!r} ({entry_point.value}) failed to "
+                f"register its merge methods and was skipped: {type(error).__name__}: {error}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
+        ran.append(entry_point.name)
+    return ran
+
+
+class _RunAfterExec(Loader):
+    """Wraps the real loader of mergekit.merge_methods and runs the plugins after it."""
+
+    def __init__(self, wrapped: Loader):
+        self._wrapped = wrapped
+
+    def create_module(self, spec):
+        return self._wrapped.create_module(spec)
+
+    def exec_module(self, module):
+        self._wrapped.exec_module(module)
+        load_plugins()
+
+    def __getattr__(self, name):  # get_resource_reader, is_package, get_code, ...
+        return getattr(self._wrapped, name)
+
+
+class _MergeMethodsWatcher(MetaPathFinder):
+    marker = "mergekit_plugin_hook"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != TARGET_MODULE:
+            return None
+        for finder in sys.meta_path:
+            if getattr(finder, "marker", None) == self.marker:
+                continue
+            find_spec = getattr(finder, "find_spec", None)
+            if find_spec is None:
+                continue
+            spec = find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _RunAfterExec(spec.loader)
+                return spec
+        return None
+
+
+def install() -> None:
+    if _truthy(os.environ.get(_DISABLE_ALL)):
+        return
+    state = _state()
+    if any(getattr(f, "marker", None) == _MergeMethodsWatcher.marker for f in sys.meta_path):
+        return
+    if TARGET_MODULE in sys.modules:
+        # Installed late (not from the .pth): mergekit is already imported.
+        load_plugins()
+        return
+    finder = _MergeMethodsWatcher()
+    state["finder"] = finder
+    sys.meta_path.insert(0, finder)
+
+
+install()
