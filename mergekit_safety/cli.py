@@ -72,7 +72,7 @@ def check_command(configs) -> None:
         problems = check_config_file(config)
         for problem in problems:
             click.echo(problem.format(config), err=True)
-        if problems:
+        if any(not p.warning for p in problems):
             failed = True
         else:
             click.echo(f"{config}: ok")

@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple
 
@@ -198,9 +199,9 @@ class WeightSource:
 class SafetensorsSource(Checkpoint, WeightSource):
     """The safetensors shards of a model directory, as a :class:`WeightSource`."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, check_finite: bool = True):
         try:
-            super().__init__(directory)
+            super().__init__(directory, check_finite=check_finite)
         except CheckpointError as error:
             raise CalibrationError(str(error)) from None
 
@@ -217,19 +218,20 @@ class SafetensorsSource(Checkpoint, WeightSource):
 def load_examples(path: str, max_samples: int = 0, prompt_key: str = "prompt", response_key: str = "response") -> List[Dict[str, str]]:
     """Read a calibration JSONL (``prompt``, ``response`` per line); the first ``max_samples``
     records (0 = all)."""
-    from mergekit_safety.engine.data import read_jsonl
+    from mergekit_safety.engine.data import read_jsonl_lines
 
-    records = read_jsonl(path, [prompt_key, response_key])
+    # an empty prompt or response gives no signal to calibrate on: refused, with its line
+    records = read_jsonl_lines(path, [prompt_key, response_key], nonempty=[prompt_key, response_key])
     if max_samples and max_samples > 0:
         records = records[:max_samples]
-    return [{"prompt": r[prompt_key], "response": r[response_key]} for r in records]
+    return [{"prompt": r[prompt_key], "response": r[response_key], "where": f"{path}:{line}"} for line, r in records]
 
 
 def encode_examples(tokenizer: Any, examples: Sequence[Mapping[str, Any]], max_length: Optional[int] = None) -> List[Dict[str, List[int]]]:
     """Examples as ``{input_ids, response_mask}``: pre-encoded ones pass through, (prompt,
     response) ones are encoded with :func:`mergekit_safety.data.encode_example` (chat template
     when the tokenizer has one)."""
-    from mergekit_safety.engine.data import encode_example
+    from mergekit_safety.engine.data import TruncationWarning, encode_example
 
     encoded = []
     for index, example in enumerate(examples):
@@ -244,7 +246,13 @@ def encode_examples(tokenizer: Any, examples: Sequence[Mapping[str, Any]], max_l
             raise CalibrationError("calibration examples are text but the model has no tokenizer")
         if "prompt" not in example:
             raise CalibrationError(f"calibration example {index}: no 'prompt' (nor 'input_ids')")
-        encoded.append(encode_example(tokenizer, example["prompt"], example.get("response"), max_length=max_length))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TruncationWarning)
+            encoded.append(encode_example(tokenizer, example["prompt"], example.get("response"), max_length=max_length))
+        for warning in caught:  # name the record that was cut
+            where = example.get("where") or f"calibration example {index}"
+            message = f"{where}: {warning.message}" if issubclass(warning.category, TruncationWarning) else warning.message
+            warnings.warn(message, warning.category, stacklevel=2)
     if not encoded:
         raise CalibrationError("the calibration set is empty")
     return encoded
@@ -376,6 +384,8 @@ def collect_statistics(
     config = AutoConfig.from_pretrained(model_path)
     if tokenizer is None and any("input_ids" not in e for e in examples):
         tokenizer = load_tokenizer(model_path)
+    if not max_length:
+        max_length = default_max_length(config)
     encoded = encode_examples(tokenizer, examples, max_length=max_length)
     batches = _batches(encoded, batch_size, pad_id(tokenizer, config), token_scope)
     if weights is None:
@@ -386,6 +396,17 @@ def collect_statistics(
         else:
             stats = _collect_in_memory(model_path, config, weights, batches, modules, dtype, progress, description)
     return {f"{name}.weight": value for name, value in stats.items()}
+
+
+#: cap of the default token limit: a record longer than the model's context (or than this) is
+#: cut, with a warning naming it, instead of asking for an unbounded allocation
+MAX_DEFAULT_LENGTH = 2048
+
+
+def default_max_length(config: Any) -> int:
+    """The model's context length (``max_position_embeddings``), at most 2048 tokens."""
+    context = getattr(config, "max_position_embeddings", None) or getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+    return min(int(context), MAX_DEFAULT_LENGTH) if context else MAX_DEFAULT_LENGTH
 
 
 def load_tokenizer(model_path: str, fallbacks: Sequence[str] = ()):

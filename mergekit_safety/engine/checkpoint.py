@@ -57,6 +57,22 @@ def header_shapes(directory: str) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
+def refuse_non_finite(tensor, name: str, model: str) -> None:
+    """Raise :class:`CheckpointError` naming the model and tensor if it has NaN or Inf values.
+
+    One float32 sum finds them at a fraction of a full scan (NaN/Inf propagate); only a
+    non-finite sum (or an overflow) pays for the full check."""
+    import torch
+
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return
+    if not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(
+            f"tensor {name} of model {model} contains NaN or Inf values; refusing to use a "
+            "corrupted checkpoint"
+        )
+
+
 class Checkpoint:
     """Lazy, read-only, thread-safe access to the tensors of a model directory.
 
@@ -65,10 +81,12 @@ class Checkpoint:
     readers release after each layer (docs/performance_calibration.md).
     """
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, check_finite: bool = False):
         from safetensors import safe_open
 
         self.directory = os.path.abspath(directory)
+        #: refuse tensors with NaN/Inf values (naming model and tensor) as they are read
+        self.check_finite = check_finite
         index = os.path.join(self.directory, INDEX_FILE)
         if os.path.exists(index):
             with open(index, "r", encoding="utf-8") as handle:
@@ -85,6 +103,12 @@ class Checkpoint:
                         self.weight_map[name] = path
         if not self.weight_map:
             raise CheckpointError(f"{self.directory}: no safetensors weights found")
+        #: names read as another tensor: a model with tied embeddings stores no ``lm_head``
+        self.aliases: Dict[str, str] = {}
+        if "lm_head.weight" not in self.weight_map:
+            embedding = next((n for n in sorted(self.weight_map) if n.endswith("embed_tokens.weight")), None)
+            if embedding is not None:
+                self.aliases["lm_head.weight"] = embedding
         self.files = sorted(set(self.weight_map.values()))
         self._handles: Dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -112,10 +136,15 @@ class Checkpoint:
         return handle
 
     def get(self, name: str):
+        name = name if name in self.weight_map else self.aliases.get(name, name)
         with self._lock:
-            return self._handle(name).get_tensor(name)
+            tensor = self._handle(name).get_tensor(name)
+        if self.check_finite:
+            refuse_non_finite(tensor, name, self.directory)
+        return tensor
 
     def shape(self, name: str) -> Tuple[int, ...]:
+        name = name if name in self.weight_map else self.aliases.get(name, name)
         with self._lock:
             return tuple(self._handle(name).get_slice(name).get_shape())
 

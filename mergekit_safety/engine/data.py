@@ -34,6 +34,7 @@ __all__ = [
     "DataError",
     "TruncationWarning",
     "read_jsonl",
+    "read_jsonl_lines",
     "write_jsonl",
     "encode_example",
     "collate",
@@ -63,13 +64,24 @@ def _type_name(t: Any) -> str:
 def read_jsonl(
     path: Union[str, os.PathLike],
     required_keys: Union[Sequence[str], Mapping[str, Any]] = (),
+    nonempty: Sequence[str] = (),
 ) -> List[Dict[str, Any]]:
+    """The records of :func:`read_jsonl_lines`, without their line numbers."""
+    return [record for _line, record in read_jsonl_lines(path, required_keys, nonempty)]
+
+
+def read_jsonl_lines(
+    path: Union[str, os.PathLike],
+    required_keys: Union[Sequence[str], Mapping[str, Any]] = (),
+    nonempty: Sequence[str] = (),
+) -> List[tuple]:
     """Read a JSON-lines file: one JSON object per line; blank lines are skipped.
 
     ``required_keys`` is either a sequence of keys whose values must be strings, or a mapping
     ``key -> type`` (or tuple of types) to check. Extra keys are kept. Raises :class:`DataError`
     naming the file and line for a missing file, malformed JSON, a line that is not an object,
-    a missing key or a value of the wrong type, and for a file without any record.
+    a missing key or a value of the wrong type, a ``nonempty`` key whose string is blank, bytes
+    that are not UTF-8, and for a file without any record.
     """
     path = os.fspath(path)
     if isinstance(required_keys, Mapping):
@@ -78,9 +90,15 @@ def read_jsonl(
         spec = {k: str for k in required_keys}
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    records: List[Dict[str, Any]] = []
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    records: List[tuple] = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8") from None
+            if lineno == 1 and line.startswith("\ufeff"):
+                line = line[1:]  # a byte-order mark
             if not line.strip():
                 continue
             try:
@@ -100,7 +118,10 @@ def read_jsonl(
                         f"{path}:{lineno}: key {key!r} must be a {_type_name(typ)}, "
                         f"got {type(value).__name__}"
                     )
-            records.append(obj)
+            for key in nonempty:
+                if isinstance(obj.get(key), str) and not obj[key].strip():
+                    raise DataError(f"{path}:{lineno}: key {key!r} is empty")
+            records.append((lineno, obj))
     if not records:
         raise DataError(f"{path}: empty file (no records)")
     return records

@@ -221,6 +221,10 @@ def write_artifact(path: str, tensors: Mapping[str, Any], metadata: ArtifactMeta
         save_file(contiguous, temporary, metadata=metadata.to_strings())
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
+        # mkstemp makes the file private (0600); an artifact is an ordinary file (shared caches)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):

@@ -207,21 +207,24 @@ def _path_lock(path: str):
         lock = _thread_locks.setdefault(absolute, threading.Lock())
     os.makedirs(os.path.dirname(absolute), exist_ok=True)
     with lock:
-        with open(absolute + ".lock", "a+") as handle:
-            try:
-                import fcntl
-
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            except ImportError:  # pragma: no cover - non-POSIX
-                pass
-            try:
-                yield
-            finally:
+        try:
+            with open(absolute + ".lock", "a+") as handle:
                 try:
                     import fcntl
 
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-                except ImportError:  # pragma: no cover
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                except ImportError:  # pragma: no cover - non-POSIX
                     pass
-        with contextlib.suppress(OSError):
-            os.unlink(absolute + ".lock")
+                try:
+                    yield
+                finally:
+                    try:
+                        import fcntl
+
+                        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+                    except ImportError:  # pragma: no cover
+                        pass
+        finally:
+            # also after a failed computation: a lock file left behind looks like a stale run
+            with contextlib.suppress(OSError):
+                os.unlink(absolute + ".lock")

@@ -183,6 +183,11 @@ class FusionMethod:
     def merge(self, inputs: TensorInputs, parameters: Dict[str, Any]) -> torch.Tensor:
         base = inputs.base
         if not inputs.experts:
+            if not getattr(self, "_warned_no_experts", False):
+                self._warned_no_experts = True
+                logger.warning(
+                    "%s: the config has no model besides its base_model: the output is the base model", self.name
+                )
             return base
         masks = self.tensor_masks(inputs, parameters)
         kwargs = self.fuse_arguments(parameters, len(inputs.experts))

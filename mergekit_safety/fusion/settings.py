@@ -17,6 +17,7 @@ Roles of a field:
 * plain — read by the merge kernel per tensor; does not change an artifact;
 * ``locate=True`` — changes what the locate step computes (recorded in the artifact);
 * ``data=True`` — a data file the locate step reads (its path and sha256 are recorded);
+  ``keys=(...)`` names the JSONL keys its records need (``check`` reads the file with them);
 * ``model=True`` — a further model reference (e.g. an unaligned model), fingerprinted;
 * ``fusion=True`` — a setting of the fusion backbone; recorded when the method's artifact
   depends on the fusion (:attr:`FusionSettings.artifact_depends_on_fusion`);
@@ -56,14 +57,16 @@ def setting(
     fusion: bool = False,
     per_model: bool = False,
     internal: bool = False,
+    keys: Tuple[str, ...] = (),
     alias: Optional[str] = None,
     **constraints: Any,
 ):
     """A settings field: one YAML parameter (see the module docstring for the roles).
-    ``internal=True``: not a YAML parameter (filled by the method, e.g. from per-model values)."""
+    ``internal=True``: not a YAML parameter (filled by the method, e.g. from per-model values).
+    ``keys``: for a data file, the JSONL keys every record must have (non-empty strings)."""
     extra = {
         "locate": locate or data or model, "data": data, "model": model, "fusion": fusion,
-        "per_model": per_model, "internal": internal,
+        "per_model": per_model, "internal": internal, "keys": list(keys),
     }
     return Field(default, description=description, alias=alias, json_schema_extra=extra, **constraints)
 
@@ -82,6 +85,7 @@ class Parameter:
     data: bool
     model: bool
     fusion: bool
+    keys: Tuple[str, ...] = ()  # JSONL keys of a data file
 
 
 class DeclaredSettings(BaseModel):
@@ -112,6 +116,7 @@ class DeclaredSettings(BaseModel):
                     data=bool(extra.get("data")),
                     model=bool(extra.get("model")),
                     fusion=bool(extra.get("fusion")),
+                    keys=tuple(extra.get("keys") or ()),
                 )
             )
         return tuple([p for p in found if not p.per_model] + [p for p in found if p.per_model])

@@ -60,6 +60,12 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32"):
 
     from transformers.utils import logging as hf_logging
 
+    import os
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ValueError(f"{model_dir}: not a model folder (no config.json); give the folder a merge or a lab build wrote")
+    if not any(name.endswith((".safetensors", ".bin")) for name in os.listdir(model_dir)):
+        raise ValueError(f"{model_dir}: no weights (*.safetensors) in this folder")
     tok = AutoTokenizer.from_pretrained(model_dir)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar per evaluated model

@@ -118,6 +118,7 @@ class AntidoteSettings(LocatingSettings):
         "JSONL of harmful prompts with harmful answers (keys prompt, response) the "
         "scores are computed on; empty = no locate step (plain fusion, with a warning)",
         data=True,
+        keys=("prompt", "response"),
     )
     alpha: UnitInterval = setting(DEFAULT_ALPHA, "share of each output row selected (floor(α·columns) entries)", locate=True)
     mode: Literal["zero", "reset"] = setting(
@@ -145,7 +146,7 @@ class AntidoteSettings(LocatingSettings):
         locate=True,
     )
     max_samples: NonNegativeInt = setting(0, "use the first N records of harmful_data (0 = all)", locate=True)
-    max_length: NonNegativeInt = setting(0, "truncate calibration examples to N tokens (0 = no limit)", locate=True)
+    max_length: NonNegativeInt = setting(0, "truncate calibration examples to N tokens (0 = the model's context length, at most 2048; a cut record is named in a warning)", locate=True)
     batch_size: PositiveInt = setting(8, "calibration batch size (does not change the result)")
     streaming: bool = setting(
         True,

@@ -17,6 +17,8 @@ Our methods run the same checks at plan time (see :func:`check_at_plan_time`).
 from __future__ import annotations
 
 import difflib
+import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -26,14 +28,18 @@ from mergekit_safety.fusion.artifacts import ArtifactError
 from mergekit_safety.fusion.models import local_directory
 
 
+logger = logging.getLogger(__name__)
+
+
 @dataclass(frozen=True)
 class Problem:
     message: str
     line: Optional[int] = None
+    warning: bool = False  # reported, but the merge may go on
 
     def format(self, source: str) -> str:
         where = f"{source}:{self.line}" if self.line else source
-        return f"{where}: {self.message}"
+        return f"{where}: {'warning: ' if self.warning else ''}{self.message}"
 
 
 class ConfigCheckError(ArtifactError):
@@ -76,6 +82,14 @@ def _line_map(text: str) -> Dict[Tuple, int]:
     return lines
 
 
+def tied_names(shapes: Mapping[str, Tuple[int, ...]]) -> set:
+    """Tensors a checkpoint may omit because they are tied to another (lm_head → embeddings),
+    as mergekit's own methods read them."""
+    if "lm_head.weight" not in shapes and any(n.endswith("embed_tokens.weight") for n in shapes):
+        return {"lm_head.weight"}
+    return set()
+
+
 def safetensors_shapes(directory: str) -> Dict[str, Tuple[int, ...]]:
     """Tensor name → shape of a model directory, from the safetensors headers only."""
     return header_shapes(directory)
@@ -106,13 +120,13 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
     lines = lines or {}
     problems: List[Problem] = []
 
-    def add(message: str, path: Tuple = ()):
+    def add(message: str, path: Tuple = (), warning: bool = False):
         line = None
         for cut in range(len(path), -1, -1):
             if path[:cut] in lines:
                 line = lines[path[:cut]]
                 break
-        problems.append(Problem(message, line))
+        problems.append(Problem(message, line, warning))
 
     if not isinstance(raw, Mapping):
         return [Problem("the file is not a YAML mapping (expected merge_method:, models:, …)")]
@@ -125,6 +139,9 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return [Problem(f"unknown merge_method {method_name!r}{hint}", lines.get(("merge_method",)))]
     ours = package_method(method) is not None
+    from mergekit_safety.fusion.locate import Locator
+
+    locating = isinstance(package_method(method), Locator)
     specs = {p.name: p for p in method.spec.parameters}
     shared = {n for n, p in specs.items() if p.scope.value == "shared"}
 
@@ -152,7 +169,17 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
                     "`parameters:`",
                     where,
                 )
+            if locating and isinstance(value, list):
+                add(
+                    f"parameter {name!r} of {method_name} must be a single value (per-layer lists "
+                    "and filters are not supported by methods that compute an artifact)",
+                    where,
+                )
+                continue
             for scalar in _setting_values(value):
+                if isinstance(scalar, float) and not math.isfinite(scalar):
+                    add(f"parameter {name!r}: {scalar!r} is not a finite number", where)
+                    continue
                 try:
                     specs[name].validate(scalar)
                 except Exception as error:  # pydantic / our named errors
@@ -190,6 +217,8 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
 
     # models exist locally, and have the base model's tensor names and shapes
     model_refs = [m.get("model") for m in models if isinstance(m, Mapping)]
+    if models and all(str(ref) == str(base) for ref in model_refs):
+        add(f"the only model is the base_model {base}: the merge just copies it (add the fine-tuned experts under `models:`)", ("models",), warning=True)
     base_shapes = _model_shapes(str(base), ("base_model",), add)
     for index, ref in enumerate(model_refs):
         if ref is None or str(ref) == str(base):
@@ -197,7 +226,7 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
         shapes = _model_shapes(str(ref), ("models", index, "model"), add)
         if base_shapes is None or shapes is None:
             continue
-        missing = sorted(set(base_shapes) - set(shapes))
+        missing = sorted(set(base_shapes) - set(shapes) - tied_names(shapes))
         if missing:
             add(f"model {ref} lacks {len(missing)} tensor(s) of the base model, e.g. {missing[0]}", ("models", index))
         vocabulary_aligned = bool(raw.get("tokenizer") or raw.get("tokenizer_source"))
@@ -227,7 +256,7 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
         shapes = _model_shapes(ref, ("parameters", name), add)
         if base_shapes is None or shapes is None:
             continue
-        missing = sorted(set(base_shapes) - set(shapes))
+        missing = sorted(set(base_shapes) - set(shapes) - tied_names(shapes))
         differ = sorted(n for n in set(base_shapes) & set(shapes) if base_shapes[n] != shapes[n])
         if missing:
             add(f"{name}: model {ref} lacks {len(missing)} tensor(s) of the base model, e.g. {missing[0]}", ("parameters", name))
@@ -238,7 +267,7 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
                 ("parameters", name),
             )
 
-    if problems:
+    if any(not p.warning for p in problems):
         return problems
     problems.extend(_check_files_and_artifact(method, raw, add))
     return problems
@@ -286,7 +315,8 @@ def _check_files_and_artifact(method, raw: Mapping[str, Any], add) -> List[Probl
             try:
                 from mergekit_safety.engine.data import read_jsonl
 
-                read_jsonl(str(path))
+                keys = method.settings.parameter(name).keys
+                read_jsonl(str(path), keys, nonempty=keys)
             except Exception as error:
                 add(f"{name}: {_short(error)}", ("parameters", name))
         if mask and mask != AUTO and os.path.exists(str(mask)):
@@ -295,6 +325,13 @@ def _check_files_and_artifact(method, raw: Mapping[str, Any], add) -> List[Probl
                 method.check_current(str(mask), method.artifact_record(request))
             except ArtifactError as error:
                 add(str(error), ("parameters", "mask"))
+        elif mask and mask != AUTO and not method.can_locate({**method.settings.defaults(), **parameters}):
+            add(
+                f"mask artifact {mask!r} not found (resolved from {os.getcwd()}) and no data "
+                f"({', '.join(method.data_parameters)}) to compute it: the merge would run WITHOUT "
+                "safety restoration; give the data or the path of an existing artifact",
+                ("parameters", "mask"),
+            )
         return []
     if mask:
         if not os.path.exists(str(mask)):
@@ -329,7 +366,7 @@ def check_config_file(path: str) -> List[Problem]:
         mark = getattr(error, "problem_mark", None)
         return [Problem(f"invalid YAML: {getattr(error, 'problem', error)}", mark.line + 1 if mark else None)]
     problems = check_config_data(raw, _line_map(text))
-    if problems:
+    if any(not p.warning for p in problems):
         return problems
     # finally, mergekit's own validation of the config structure
     try:
@@ -337,8 +374,8 @@ def check_config_file(path: str) -> List[Problem]:
 
         MergeConfiguration.model_validate(raw)
     except Exception as error:
-        return [Problem(f"mergekit rejects the config: {_short(error)}")]
-    return []
+        return problems + [Problem(f"mergekit rejects the config: {_short(error)}")]
+    return problems
 
 
 # --------------------------------------------------------------------------- plan time
@@ -346,6 +383,21 @@ def check_config_file(path: str) -> List[Problem]:
 # configs already checked, by id — with the config itself kept alive, so that a freed
 # config's id reused by a new one can never skip the new one's check
 _checked_configs: Dict[int, Any] = {}
+
+
+def pre_merge_check(config: Any) -> None:
+    """The plan-time check, run by the plugin hook before mergekit's ``run_merge`` starts
+    (entry point ``mergekit.pre_merge``): for this package's methods only."""
+    from mergekit import merge_methods
+
+    from mergekit_safety.plugin.config import package_method
+
+    try:
+        method = merge_methods.get(getattr(config, "merge_method", None))
+    except RuntimeError:
+        return  # an unknown method: mergekit says so itself
+    if package_method(method) is not None:
+        check_at_plan_time(config)
 
 
 def check_at_plan_time(config: Any) -> None:
@@ -368,5 +420,9 @@ def check_at_plan_time(config: Any) -> None:
                 for s in slices[0].get("sources") or []
             ]
     problems = check_config_data(raw)
-    if problems:
-        raise ConfigCheckError("merge config", problems)
+    for problem in problems:
+        if problem.warning:
+            logger.warning("merge config: %s", problem.message)
+    errors = [p for p in problems if not p.warning]
+    if errors:
+        raise ConfigCheckError("merge config", errors)

@@ -24,6 +24,10 @@ from importlib.abc import Loader, MetaPathFinder
 
 ENTRY_POINT_GROUP = "mergekit.merge_methods"
 TARGET_MODULE = "mergekit.merge_methods"
+#: entry points called with the MergeConfiguration before ``mergekit.merge.run_merge`` does
+#: anything (mergekit resolves models and may query the hub before any method is asked)
+PRE_MERGE_GROUP = "mergekit.pre_merge"
+RUN_MERGE_MODULE = "mergekit.merge"
 _DISABLE_ALL = "MERGEKIT_PLUGINS_DISABLE"
 _DISABLE_THIS = "MERGEKIT_SAFETY_DISABLE"
 _THIS_DISTRIBUTION = "mergekit-safety"
@@ -94,6 +98,58 @@ class _RunAfterExec(Loader):
         return getattr(self._wrapped, name)
 
 
+class _AfterExec(Loader):
+    """Wraps a module's real loader and calls ``callback(module)`` after it executed."""
+
+    def __init__(self, wrapped: Loader, callback):
+        self._wrapped = wrapped
+        self._callback = callback
+
+    def create_module(self, spec):
+        return self._wrapped.create_module(spec)
+
+    def exec_module(self, module):
+        self._wrapped.exec_module(module)
+        self._callback(module)
+
+    def __getattr__(self, name):
+        return getattr(self._wrapped, name)
+
+
+class _ModuleWatcher(MetaPathFinder):
+    """Calls ``callback(module)`` once ``name`` has been imported (see :func:`after_import`)."""
+
+    marker = "mergekit_plugin_after_import"
+
+    def __init__(self, name: str, callback):
+        self.name = name
+        self.callback = callback
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # once
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            if find_spec is None or getattr(finder, "marker", None) == _MergeMethodsWatcher.marker:
+                continue
+            spec = find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _AfterExec(spec.loader, self.callback)
+                return spec
+        return None
+
+
+def after_import(name: str, callback) -> None:
+    """Call ``callback(module)`` when module ``name`` finishes importing (now, if it has)."""
+    module = sys.modules.get(name)
+    if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
+        callback(module)
+        return
+    sys.meta_path.insert(0, _ModuleWatcher(name, callback))
+
+
 class _MergeMethodsWatcher(MetaPathFinder):
     marker = "mergekit_plugin_hook"
 
@@ -114,12 +170,65 @@ class _MergeMethodsWatcher(MetaPathFinder):
         return None
 
 
+def _enabled_entry_points(group: str) -> list:
+    from importlib.metadata import entry_points
+
+    found = []
+    for entry_point in entry_points(group=group):
+        distribution = getattr(entry_point, "dist", None)
+        dist_name = getattr(distribution, "name", "") or ""
+        if _truthy(os.environ.get(_DISABLE_THIS)) and dist_name.replace("_", "-") == _THIS_DISTRIBUTION:
+            continue
+        found.append(entry_point)
+    return found
+
+
+def run_pre_merge_checks(merge_config) -> None:
+    """Call every enabled ``mergekit.pre_merge`` entry point with the config. A plugin that
+    cannot be loaded warns; a check that fails raises (that is what it is for)."""
+    import warnings
+
+    if _truthy(os.environ.get(_DISABLE_ALL)):
+        return
+    for entry_point in _enabled_entry_points(PRE_MERGE_GROUP):
+        try:
+            check = entry_point.load()
+        except Exception as error:  # a broken plugin must never break mergekit itself
+            warnings.warn(
+                f"mergekit plugin pre-merge check {entry_point.name!r} ({entry_point.value}) could "
+                f"not be loaded and was skipped: {type(error).__name__}: {error}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
+        check(merge_config)
+
+
+def _wrap_run_merge(module) -> None:
+    import functools
+
+    original = getattr(module, "run_merge", None)
+    if original is None or getattr(original, "_plugin_pre_merge", False):
+        return
+
+    @functools.wraps(original)
+    def run_merge(merge_config, *args, **kwargs):
+        run_pre_merge_checks(merge_config)
+        return original(merge_config, *args, **kwargs)
+
+    run_merge._plugin_pre_merge = True
+    module.run_merge = run_merge
+
+
 def install() -> None:
     if _truthy(os.environ.get(_DISABLE_ALL)):
         return
     state = _state()
     if any(getattr(f, "marker", None) == _MergeMethodsWatcher.marker for f in sys.meta_path):
         return
+    if not state.get("pre_merge"):
+        state["pre_merge"] = True
+        after_import(RUN_MERGE_MODULE, _wrap_run_merge)
     if TARGET_MODULE in sys.modules:
         # Installed late (not from the .pth): mergekit is already imported.
         load_plugins()

@@ -55,8 +55,8 @@ class SOMFSettings(LocatingSettings):
     artifact_depends_on_fusion: ClassVar[bool] = True  # the mask is trained through the fusion
 
     # data
-    preference_data: str = setting("", "JSONL of safety preference pairs (prompt, chosen refusal, rejected harmful answer)", data=True)
-    utility_data: str = setting("", "optional JSONL of benign (prompt, response) for the utility term", data=True)
+    preference_data: str = setting("", "JSONL of safety preference pairs (prompt, chosen refusal, rejected harmful answer)", data=True, keys=("prompt", "chosen", "rejected"))
+    utility_data: str = setting("", "optional JSONL of benign (prompt, response) for the utility term", data=True, keys=("prompt", "response"))
     max_length: PositiveInt = setting(256, "token limit per example (prompt cut from the left)", locate=True)
     # mask
     modules: str = setting("linear", "masked tensors: comma list of presets (attention, mlp, linear, all) or regexes on tensor names", locate=True)

@@ -119,12 +119,12 @@ class FunctionalFusion:
         )
         self.seed = settings.dare_seed
         try:
-            base = Checkpoint(base_path)
-            experts = [Checkpoint(p) for p in expert_paths]
+            base = Checkpoint(base_path, check_finite=True)
+            experts = [Checkpoint(p, check_finite=True) for p in expert_paths]
         except CheckpointError as error:
             raise SOMFTrainingError(f"somf: {error} (SOMF reads safetensors only)") from None
         for path, checkpoint in zip(expert_paths, experts):
-            missing = set(base.weight_map) - set(checkpoint.weight_map)
+            missing = {n for n in base.weight_map if not checkpoint.has(n) and n not in checkpoint.aliases}
             if missing:
                 raise SOMFTrainingError(f"{path}: lacks tensors of the base model, e.g. {sorted(missing)[:3]}")
 
@@ -320,9 +320,14 @@ def load_tokenizer(base_path: str):
 
 def encode_pairs(path: str, tokenizer, max_length: int):
     """(ids [2N, T], attention [2N, T], response [2N, T]): N chosen rows then N rejected rows."""
-    from mergekit_safety.engine.data import collate, encode_example, read_jsonl
+    from mergekit_safety.engine.data import DataError, collate, encode_example, read_jsonl_lines
 
-    records = read_jsonl(path, ("prompt", "chosen", "rejected"))
+    keys = ("prompt", "chosen", "rejected")
+    lines = read_jsonl_lines(path, keys, nonempty=keys)
+    for line, record in lines:
+        if record["chosen"].strip() == record["rejected"].strip():
+            raise DataError(f"{path}:{line}: 'chosen' and 'rejected' are the same answer: the pair carries no preference")
+    records = [record for _line, record in lines]
     encoded = [encode_example(tokenizer, r["prompt"], r["chosen"], max_length) for r in records]
     encoded += [encode_example(tokenizer, r["prompt"], r["rejected"], max_length) for r in records]
     batch = collate(encoded, pad_id(tokenizer))
@@ -332,7 +337,7 @@ def encode_pairs(path: str, tokenizer, max_length: int):
 def encode_utility(path: str, tokenizer, max_length: int):
     from mergekit_safety.engine.data import collate, encode_example, read_jsonl
 
-    records = read_jsonl(path, ("prompt", "response"))
+    records = read_jsonl(path, ("prompt", "response"), nonempty=("prompt", "response"))
     encoded = [encode_example(tokenizer, r["prompt"], r["response"], max_length) for r in records]
     batch = collate(encoded, pad_id(tokenizer))
     return batch["input_ids"], batch["attention_mask"], batch["response_mask"]

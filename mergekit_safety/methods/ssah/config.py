@@ -32,8 +32,8 @@ class LabelSettings(DeclaredSettings):
 class ScoreSettings(DeclaredSettings):
     """How the calibration statistics are gathered."""
 
-    safety_data: str = setting("", "JSONL of harmful prompts + refusals (prompt, response)", data=True)
-    utility_data: str = setting("", "JSONL of benign prompts + answers (prompt, response)", data=True)
+    safety_data: str = setting("", "JSONL of harmful prompts + refusals (prompt, response)", data=True, keys=("prompt", "response"))
+    utility_data: str = setting("", "JSONL of benign prompts + answers (prompt, response)", data=True, keys=("prompt", "response"))
     max_samples: int = setting(128, "calibration samples per set", locate=True, ge=1)
     max_length: int = setting(256, "tokens per calibration sample", locate=True, ge=2)
     batch_size: int = setting(8, "calibration batch size (does not change the result)", ge=1)
