@@ -95,6 +95,46 @@ def locate_command(config: str, force: bool) -> None:
     click.echo(path)
 
 
+@main.command("pairs")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Folder for pairs.jsonl / utility.jsonl (default: the cache folder a merge would use).")
+@click.option("--harmful-prompts", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="JSONL of harmful prompts (default: the config's harmful_prompts).")
+@click.option("--benign-prompts", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="JSONL of benign prompts for utility data (default: the config's benign_prompts).")
+def pairs_command(config, out, harmful_prompts, benign_prompts) -> None:
+    """Build SOMF preference pairs (and utility data) for CONFIG's models: the aligned base
+    model's refusals vs the unmasked fusion's compliant answers, as judged."""
+    import dataclasses
+
+    from mergekit_safety.fusion.artifacts import ArtifactError
+    from mergekit_safety.fusion.models import resolve_model
+    from mergekit_safety.methods.somf.method import SOMF
+    from mergekit_safety.methods.somf.pairs import PairsError
+    from mergekit_safety.plugin.config import request_from_config
+
+    try:
+        method, request = request_from_config(config)
+        if not isinstance(method, SOMF):
+            raise click.ClickException(f"{config}: pairs are built for merge_method: somf, not {method.name}")
+        parameters = dict(request.parameters)
+        parameters["harmful_prompts"] = harmful_prompts or parameters.get("harmful_prompts")
+        parameters["benign_prompts"] = benign_prompts or parameters.get("benign_prompts")
+        parameters["preference_data"] = "auto"
+        parameters["utility_data"] = "auto" if parameters["benign_prompts"] else parameters.get("utility_data")
+        request = dataclasses.replace(request, parameters=parameters)
+        _, report = method.auto_data(request, resolve_model(request.base), [resolve_model(e) for e in request.experts], out_dir=out)
+    except (ArtifactError, PairsError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(
+        f"{report['pairs']} pairs from {report['prompts']} prompts (aligned refused {report['aligned_refusals']}, "
+        f"fusion complied with {report['fusion_compliances']})"
+        + (f"; {report['utility_records']} utility records" if "utility_records" in report else "")
+        + f" in {report['folder']}"
+    )
+
+
 @main.command("inspect")
 @click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
 @click.option("--png", default=None, help="Heat map PNG path (default: ARTIFACT with .png).")

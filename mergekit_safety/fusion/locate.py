@@ -115,8 +115,8 @@ class Locator:
         data = {}
         for name in self.data_parameters:
             path = request.parameters.get(name)
-            if not path:
-                continue
+            if not path or path == AUTO:
+                continue  # 'auto' data is made from the models and other data, both recorded
             if not os.path.isfile(path):
                 raise ArtifactError(
                     f"{request.method}: data file {name}={path!r} not found (resolved to "

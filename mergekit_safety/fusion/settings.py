@@ -58,15 +58,18 @@ def setting(
     per_model: bool = False,
     internal: bool = False,
     keys: Tuple[str, ...] = (),
+    auto_from: str = "",
     alias: Optional[str] = None,
     **constraints: Any,
 ):
     """A settings field: one YAML parameter (see the module docstring for the roles).
     ``internal=True``: not a YAML parameter (filled by the method, e.g. from per-model values).
-    ``keys``: for a data file, the JSONL keys every record must have (non-empty strings)."""
+    ``keys``: for a data file, the JSONL keys every record must have (non-empty strings);
+    ``auto_from``: the parameter naming what an ``auto`` value of this data file is built from."""
     extra = {
         "locate": locate or data or model, "data": data, "model": model, "fusion": fusion,
         "per_model": per_model, "internal": internal, "keys": list(keys),
+        "auto_from": auto_from,
     }
     return Field(default, description=description, alias=alias, json_schema_extra=extra, **constraints)
 
@@ -86,6 +89,7 @@ class Parameter:
     model: bool
     fusion: bool
     keys: Tuple[str, ...] = ()  # JSONL keys of a data file
+    auto_from: str = ""  # for a data file that may be 'auto': the parameter it is built from
 
 
 class DeclaredSettings(BaseModel):
@@ -117,6 +121,7 @@ class DeclaredSettings(BaseModel):
                     model=bool(extra.get("model")),
                     fusion=bool(extra.get("fusion")),
                     keys=tuple(extra.get("keys") or ()),
+                    auto_from=extra.get("auto_from") or "",
                 )
             )
         return tuple([p for p in found if not p.per_model] + [p for p in found if p.per_model])

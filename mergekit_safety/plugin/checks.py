@@ -307,6 +307,13 @@ def _check_files_and_artifact(method, raw: Mapping[str, Any], add) -> List[Probl
     if isinstance(method, Locator):
         for name in method.data_parameters:
             path = parameters.get(name)
+            if path == AUTO:
+                source = method.settings.parameter(name).auto_from
+                if not source:
+                    add(f"{name}: 'auto' is not supported (give a data file)", ("parameters", name))
+                elif not parameters.get(source):
+                    add(f"{name}: auto needs {source} (a JSONL of prompts to build it from)", ("parameters", name))
+                continue
             if not path:
                 continue
             if not os.path.isfile(str(path)):

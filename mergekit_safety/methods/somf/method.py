@@ -34,6 +34,7 @@ from mergekit_safety.fusion.artifacts import ArtifactError, tensor_key
 from mergekit_safety.fusion.kernel import TensorMasks
 from mergekit_safety.fusion.method import LocatingFusionMethod, TensorInputs
 from mergekit_safety.fusion.settings import (
+    AUTO,
     DARE_BACKBONES,
     LocatingSettings,
     NonNegative,
@@ -55,8 +56,11 @@ class SOMFSettings(LocatingSettings):
     artifact_depends_on_fusion: ClassVar[bool] = True  # the mask is trained through the fusion
 
     # data
-    preference_data: str = setting("", "JSONL of safety preference pairs (prompt, chosen refusal, rejected harmful answer)", data=True, keys=("prompt", "chosen", "rejected"))
-    utility_data: str = setting("", "optional JSONL of benign (prompt, response) for the utility term", data=True, keys=("prompt", "response"))
+    preference_data: str = setting("", "JSONL of safety preference pairs (prompt, chosen refusal, rejected harmful answer), or 'auto': built from the models themselves on harmful_prompts (the aligned model's refusals vs the unmasked fusion's compliant answers)", data=True, keys=("prompt", "chosen", "rejected"), auto_from="harmful_prompts")
+    utility_data: str = setting("", "optional JSONL of benign (prompt, response) for the utility term, or 'auto': the unmasked fusion's own answers on benign_prompts", data=True, keys=("prompt", "response"), auto_from="benign_prompts")
+    harmful_prompts: str = setting("", "JSONL of harmful prompts (key prompt) for preference_data: auto (e.g. harmful_calibration.jsonl of `mergekit-safety data`)", data=True, keys=("prompt",))
+    benign_prompts: str = setting("", "JSONL of benign prompts (key prompt) for utility_data: auto", data=True, keys=("prompt",))
+    pairs_max_new_tokens: PositiveInt = setting(64, "answer length generated for the auto data", locate=True)
     max_length: PositiveInt = setting(256, "token limit per example (prompt cut from the left)", locate=True)
     # mask
     modules: str = setting("linear", "masked tensors: comma list of presets (attention, mlp, linear, all) or regexes on tensor names", locate=True)
@@ -139,18 +143,65 @@ class SOMF(LocatingFusionMethod):
         return super().artifact_record(request)
 
     def can_locate(self, parameters: Dict[str, Any]) -> bool:
-        return bool(parameters.get("preference_data"))  # utility_data is optional
+        data = parameters.get("preference_data")  # utility_data is optional
+        return bool(data) and (data != AUTO or bool(parameters.get("harmful_prompts")))
 
     def compute_artifact(self, request):
         from mergekit_safety.fusion.models import resolve_model
         from mergekit_safety.methods.somf.training import train_mask
 
-        settings = SOMFSettings.from_request(request)
         base = resolve_model(request.base)
         experts = [resolve_model(e) for e in request.experts]
-        logits, extra = train_mask(base, experts, settings)
+        extra: Dict[str, Any] = {}
+        if AUTO in (request.parameters.get("preference_data"), request.parameters.get("utility_data")):
+            request, extra["auto_data"] = self.auto_data(request, base, experts)
+        settings = SOMFSettings.from_request(request)
+        logits, trained = train_mask(base, experts, settings)
         tensors = {tensor_key(LOGITS_ROLE, name): value for name, value in logits.items()}
-        return tensors, extra
+        return tensors, {**trained, **extra}
+
+    def auto_data(self, request, base: str, experts, out_dir: Optional[str] = None, progress: bool = True):
+        """Build the 'auto' preference (and utility) data from the models (methods.somf.pairs);
+        return the request with the files' paths filled in, and the build report."""
+        import hashlib
+        import json
+        import os
+
+        from mergekit_safety.fusion.artifacts import file_sha256, model_fingerprint
+        from mergekit_safety.fusion.models import cache_folder
+        from mergekit_safety.methods.somf.pairs import build_pairs
+
+        p = dict(request.parameters)
+        if p.get("preference_data") == AUTO and not p.get("harmful_prompts"):
+            raise ArtifactError(f"{request.method}: preference_data: auto needs harmful_prompts (a JSONL of prompts)")
+        if p.get("utility_data") == AUTO and not p.get("benign_prompts"):
+            raise ArtifactError(f"{request.method}: utility_data: auto needs benign_prompts (a JSONL of prompts)")
+        settings = SOMFSettings.from_request(dataclasses.replace(request, parameters={**p, "preference_data": p.get("preference_data") or AUTO}))
+        fuse_kwargs = dict(backbone=settings.backbone, weights=list(settings.weights), densities=list(settings.densities),
+                           lambda_=settings.lambda_, normalize=settings.normalize, rescale=settings.rescale)
+        identity = {
+            "models": [model_fingerprint(base)] + [model_fingerprint(e) for e in experts],
+            "fusion": {k: str(v) for k, v in fuse_kwargs.items()}, "seed": settings.dare_seed,
+            "prompts": [file_sha256(p[k]) if p.get(k) else None for k in ("harmful_prompts", "benign_prompts")],
+            "tokens": settings.pairs_max_new_tokens,
+        }
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+        out_dir = out_dir or os.path.join(cache_folder(), "pairs", key)
+        logger.warning(
+            "%s: building preference data from the models (greedy answers of the aligned model and of "
+            "the unmasked fusion on %s) into %s — minutes per hundred prompts on a CPU; cached and resumable",
+            request.method, p.get("harmful_prompts"), out_dir,
+        )
+        report = build_pairs(
+            base, experts, p.get("harmful_prompts"), out_dir, fuse_kwargs=fuse_kwargs, seed=settings.dare_seed,
+            benign_prompts=p.get("benign_prompts", "") if p.get("utility_data") == AUTO else "",
+            max_new_tokens=settings.pairs_max_new_tokens, device=settings.device, progress=progress,
+        )
+        if p.get("preference_data") == AUTO:
+            p["preference_data"] = os.path.join(out_dir, "pairs.jsonl")
+        if p.get("utility_data") == AUTO:
+            p["utility_data"] = os.path.join(out_dir, "utility.jsonl")
+        return dataclasses.replace(request, parameters=p), {**report, "folder": out_dir}
 
     # ---- merge
 
