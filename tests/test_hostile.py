@@ -296,3 +296,56 @@ def test_eval_on_a_folder_that_is_not_a_model_says_so(tmp_path):
     result = CliRunner().invoke(main, ["eval", str(tmp_path), "--benign", str(tmp_path / "b.jsonl"), "--harmful", str(tmp_path / "h.jsonl")])
     assert result.exit_code != 0
     assert "not a model folder (no config.json)" in result.output
+
+
+# --------------------------------------------------------------------------- 2. added tokens
+
+
+@pytest.fixture(scope="module")
+def resized_family(family, tmp_path_factory):
+    """expert0 with two added tokens (embeddings and LM head resized), as community fine-tunes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("resized")
+    tokenizer = AutoTokenizer.from_pretrained(family["expert0"])
+    tokenizer.add_tokens(["<tool>", "<end_tool>"])
+    model = AutoModelForCausalLM.from_pretrained(family["expert0"])
+    model.resize_token_embeddings(len(tokenizer))
+    with torch.no_grad():  # distinct values for the new rows
+        model.get_input_embeddings().weight[-2:] = 0.5
+    path = str(root / "expert0_resized")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    assert load_state(path)["model.embed_tokens.weight"].shape[0] == load_state(family["base"])["model.embed_tokens.weight"].shape[0] + 2
+    return {**family, "expert0": path}
+
+
+NO_OP = {  # settings under which each method restores nothing: it must equal mergekit's own method
+    "masked_fusion": "",
+    "resta": "  unaligned_model: {expert1}\n  gamma: 0.0\n",
+    "antidote": "  harmful_data: {harmful}\n  alpha: 0.0\n",
+    "ssah": "  safety_data: {harmful}\n  utility_data: {harmful}\n  protect_share: 0.0\n",
+    "somf": "  preference_data: {pairs}\n  steps: 2\n  batch_size: 4\n  modules: linear\n",
+}
+
+
+@pytest.mark.parametrize("source", ["base", "union", "model"])
+@pytest.mark.parametrize("method", sorted(NO_OP))
+def test_an_expert_with_added_tokens_merges_like_mergekit(resized_family, data, tmp_path, method, source):
+    tokenizer_source = resized_family["expert0"] if source == "model" else source
+    extra = NO_OP[method].format(expert1=resized_family["expert1"], harmful=data["harmful"], pairs=data["pairs"])
+    text = merge_yaml(method, resized_family, EXPERTS, extra) + f"tokenizer_source: {tokenizer_source}\n"
+    assert _check(tmp_path, text) == []
+    ours = run_yaml(text, str(tmp_path / "ours"))
+    reference = run_yaml(merge_yaml("task_arithmetic", resized_family, EXPERTS) + f"tokenizer_source: {tokenizer_source}\n",
+                         str(tmp_path / "mergekit"))
+    rows = 68 if source == "base" else 70
+    assert ours["model.embed_tokens.weight"].shape[0] == reference["model.embed_tokens.weight"].shape[0] == rows
+    for name, value in reference.items():
+        if method == "somf":
+            # the learned mask changes the masked tensors; the rows of the added tokens, which
+            # the mask never saw, are the plain fusion's
+            if name == "lm_head.weight" and source != "base":
+                assert torch.equal(ours[name][-2:], value[-2:]), name
+            continue
+        assert torch.equal(ours[name], value), name

@@ -45,6 +45,10 @@ class TensorInputs:
     expert_models: Optional[List[Any]] = None
     #: how messages name the inputs (model references, or the ids of a direct tensor merge)
     labels: Optional[List[Any]] = None  # base first, then the experts
+    #: for a vocabulary tensor re-aligned by mergekit (tokenizer_source union or a model):
+    #: output row → base-vocabulary row (-1 for tokens the base lacks); artifacts are in the
+    #: base's vocabulary (engine.vocabulary)
+    vocabulary: Optional[torch.Tensor] = None
 
     @property
     def has_models(self) -> bool:
@@ -109,18 +113,16 @@ class FusionMethod:
             self._checked.add(key)
 
     @staticmethod
-    def read_mask(artifact, key: str, like: torch.Tensor, weight_name: str):
-        """Tensor ``key`` of the artifact on ``like``'s device and dtype (None if absent)."""
+    def read_mask(artifact, key: str, like: torch.Tensor, weight_name: str,
+                  vocabulary: Optional[torch.Tensor] = None, fill: float = 1.0):
+        """Tensor ``key`` of the artifact on ``like``'s device and dtype (None if absent).
+
+        A vocabulary tensor whose rows mergekit re-aligned (``vocabulary``: output row → base
+        row) is read row by row; rows of tokens the base lacks get ``fill`` (leave alone)."""
         if not artifact.has(key):
             return None
-        shape = artifact.shape(key)
-        if shape != tuple(like.shape):
-            raise ArtifactError(
-                f"{artifact.path}: mask {key!r} has shape {list(shape)} but tensor "
-                f"{weight_name} has shape {list(like.shape)} — the artifact was made for "
-                "other models (or the vocabulary was re-aligned); recompute it"
-            )
-        return artifact.get(key).to(device=like.device, dtype=like.dtype)
+        values = read_rows(artifact, key, like, weight_name, vocabulary, fill)
+        return values.to(device=like.device, dtype=like.dtype)
 
     def open_mask_artifact(self, inputs: TensorInputs, parameters: Dict[str, Any]):
         """The artifact this tensor's masks come from, or None (keep everything)."""
@@ -142,18 +144,18 @@ class FusionMethod:
 
         Methods with their own artifact content (logits, unit labels, scores) override this.
         """
-        name, base = inputs.name, inputs.base
-        shared_keep = self.read_mask(artifact, tensor_key("keep", name), base, name)
+        name, base, rows = inputs.name, inputs.base, inputs.vocabulary
+        shared_keep = self.read_mask(artifact, tensor_key("keep", name), base, name, rows)
         keep, expert_zero = [], []
         for position in range(len(inputs.experts)):
             index = self.expert_position(artifact, inputs, position)
-            own = self.read_mask(artifact, tensor_key("keep", name, index), base, name)
+            own = self.read_mask(artifact, tensor_key("keep", name, index), base, name, rows)
             keep.append(own if own is not None else shared_keep)
-            expert_zero.append(self.read_mask(artifact, tensor_key("zero", name, index), base, name))
+            expert_zero.append(self.read_mask(artifact, tensor_key("zero", name, index), base, name, rows, fill=0.0))
         return TensorMasks(
             keep=keep,
-            post_keep=self.read_mask(artifact, tensor_key("post_keep", name), base, name),
-            zero=self.read_mask(artifact, tensor_key("zero", name), base, name),
+            post_keep=self.read_mask(artifact, tensor_key("post_keep", name), base, name, rows),
+            zero=self.read_mask(artifact, tensor_key("zero", name), base, name, rows, fill=0.0),
             expert_zero=expert_zero,
             keep_rescale=bool(artifact.metadata.settings.get("keep_rescale", False)),
         )
@@ -205,6 +207,28 @@ class FusionMethod:
                     "inputs (overflow in the output dtype?); try dtype: float32"
                 )
         return result
+
+
+def read_rows(artifact, key: str, like: torch.Tensor, weight_name: str,
+              vocabulary: Optional[torch.Tensor] = None, fill: float = 1.0) -> torch.Tensor:
+    """Artifact tensor ``key`` shaped like ``like``: as stored, or — for a vocabulary tensor
+    re-aligned by mergekit — gathered row by row through ``vocabulary`` (``fill`` for rows of
+    tokens the base lacks). Any other shape difference is refused, naming file and tensor."""
+    shape = tuple(artifact.shape(key))
+    if shape == tuple(like.shape):
+        return artifact.get(key)
+    if (vocabulary is not None and len(shape) == like.dim() and shape[1:] == tuple(like.shape[1:])
+            and vocabulary.numel() == like.shape[0] and int(vocabulary.max()) < shape[0]):
+        values = artifact.get(key)
+        out = torch.full(tuple(like.shape), fill, dtype=values.dtype if values.is_floating_point() else torch.float32)
+        present = vocabulary >= 0
+        out[present] = values[vocabulary[present]].to(out.dtype)
+        return out
+    raise ArtifactError(
+        f"{artifact.path}: mask {key!r} has shape {list(shape)} but tensor "
+        f"{weight_name} has shape {list(like.shape)} — the artifact was made for "
+        "other models (or the vocabulary was re-aligned); recompute it"
+    )
 
 
 def refuse_non_finite(inputs: TensorInputs) -> None:
@@ -313,9 +337,12 @@ _checkpoints: Dict[str, Any] = {}
 _checkpoints_lock = threading.Lock()
 
 
-def model_tensor(reference: Any, name: str, like: torch.Tensor) -> torch.Tensor:
+def model_tensor(reference: Any, name: str, like: torch.Tensor, vocabulary: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Tensor ``name`` of a further model (e.g. an unaligned model named by a parameter), on
-    ``like``'s device and dtype — read lazily, one tensor at a time, with its shape checked."""
+    ``like``'s device and dtype — read lazily, one tensor at a time, with its shape checked.
+    A vocabulary tensor re-aligned by mergekit (``vocabulary``: output row → base row; the
+    further model shares the base's vocabulary) is gathered row by row; rows of tokens the
+    base lacks are ``like``'s (so their difference to it is zero)."""
     from mergekit_safety.engine.checkpoint import Checkpoint, CheckpointError
     from mergekit_safety.fusion.models import resolve_model
 
@@ -329,6 +356,12 @@ def model_tensor(reference: Any, name: str, like: torch.Tensor) -> torch.Tensor:
         tensor = checkpoint.get(name)
     except CheckpointError as error:
         raise ArtifactError(f"model {reference}: {error}") from None
+    if (tuple(tensor.shape) != tuple(like.shape) and vocabulary is not None and vocabulary.numel() == like.shape[0]
+            and tuple(tensor.shape[1:]) == tuple(like.shape[1:]) and int(vocabulary.max()) < tensor.shape[0]):
+        out = like.detach().to(tensor.dtype).clone()
+        present = vocabulary >= 0
+        out[present] = tensor[vocabulary[present]]
+        tensor = out
     if tuple(tensor.shape) != tuple(like.shape):
         raise ArtifactError(
             f"model {reference}: tensor {name} has shape {list(tensor.shape)}, the merge's "

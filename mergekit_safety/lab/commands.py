@@ -61,19 +61,26 @@ def lab_command(out, seed, harmful_ratio, experts, quick, replay, width, layers,
 @click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
               help="Lab data directory with eval_benign.jsonl/eval_harmful.jsonl (default: ./lab/data).")
 @click.option("--benign", default=None, type=click.Path(dir_okay=False),
-              help='Benign prompts JSONL {"prompt","answer","skill"} (overrides --data).')
+              help='Benign prompts JSONL {"prompt"[,"answer","skill"]} (overrides --data); without '
+                   '"answer" a prompt counts for over-refusal only.')
 @click.option("--harmful", default=None, type=click.Path(dir_okay=False),
-              help='Harmful prompts JSONL {"prompt"[,"skill"]} (overrides --data).')
+              help='Harmful prompts JSONL {"prompt"[,"skill" or "category"]} (overrides --data).')
 @click.option("--judge", default="keyword", show_default=True,
-              help="Refusal judge: 'keyword' or the path of a local HF sequence classifier.")
+              help="Refusal judge: 'keyword', 'keyword+topic' or the path of a local HF sequence "
+                   "classifier (accuracy of each: docs/judge.md).")
 @click.option("--judge-label", default=None, help="Classifier label (name or index) meaning refusal.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the metrics as JSON.")
 @click.option("--batch-size", default=128, show_default=True, type=int)
-@click.option("--max-new-tokens", default=None, type=int, help="Default: longest answer + 8 (at least 16).")
+@click.option("--max-new-tokens", default=None, type=int,
+              help="Default: longest reference answer + 8 (at least 16); 64 without reference answers.")
 @click.option("--limit", default=None, type=int, help="Use only the first N prompts of each set.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="Device of the generation (cpu, cuda, ...).")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Model dtype (bfloat16/float16 halve the memory of real chat models).")
+@click.option("--audit", default=None, type=click.Path(dir_okay=False),
+              help="Write every prompt, response and verdict to this JSONL file.")
 def eval_command(model_dir, data_dir, benign, harmful, judge, judge_label, json_out, batch_size,
-                 max_new_tokens, limit, device):
+                 max_new_tokens, limit, device, dtype, audit):
     """Refusal, over-refusal and per-skill accuracy of MODEL_DIR (any causal LM directory)."""
     from mergekit_safety.lab.evaluate import evaluate_model, format_table, make_judge
 
@@ -85,13 +92,16 @@ def eval_command(model_dir, data_dir, benign, harmful, judge, judge_label, json_
     try:
         j = make_judge(judge, judge_label)
         res = evaluate_model(model_dir, data_dir=data_dir, benign=benign, harmful=harmful, judge=j,
-                             batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, device=device)
+                             batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, device=device,
+                             dtype=dtype, audit=audit)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
     click.echo(format_table({os.path.basename(os.path.normpath(model_dir)): res}))
     if "refusal_by_skill" in res and len(res["refusal_by_skill"]) > 1:
         click.echo("refusal by skill: " + ", ".join(f"{s} {100 * v:.1f}%" for s, v in res["refusal_by_skill"].items()))
-    click.echo(f"n_harmful={res['n_harmful']} n_benign={res['n_benign']} judge={res['judge']} ({res['seconds']} s)")
+    low, high = res["refusal_interval"]
+    click.echo(f"refusal {100 * res['refusal_rate']:.1f}% (95% CI {100 * low:.1f}–{100 * high:.1f}), "
+               f"n_harmful={res['n_harmful']} n_benign={res['n_benign']} judge={res['judge']} ({res['seconds']} s)")
     if json_out:
         d = os.path.dirname(os.path.abspath(json_out))
         os.makedirs(d, exist_ok=True)

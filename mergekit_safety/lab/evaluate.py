@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from mergekit_safety.engine.data import DataError, read_jsonl
 # The judges live in mergekit_safety.judge; these names stay importable from here.
 from mergekit_safety.judge import REFUSAL_PHRASES, ClassifierJudge, KeywordJudge, make_judge, normalize  # noqa: F401
+from mergekit_safety.judge import wilson_interval
 
 BENIGN_FILE = "eval_benign.jsonl"
 HARMFUL_FILE = "eval_harmful.jsonl"
@@ -42,11 +43,15 @@ def load_eval_sets(data_dir: Optional[str] = None, benign: Optional[str] = None,
             raise ValueError("give a data directory or both --benign and --harmful files")
         benign = benign or os.path.join(data_dir, BENIGN_FILE)
         harmful = harmful or os.path.join(data_dir, HARMFUL_FILE)
-    b = read_jsonl(benign, {"prompt": str, "answer": str, "skill": str})
-    h = read_jsonl(harmful, {"prompt": str})
-    for r in h:
-        if not isinstance(r.get("skill", ""), str):
-            raise DataError(f"{harmful}: 'skill' must be a string")
+    # benign prompts need no reference answer: without one they count for over-refusal only
+    # (real benign or borderline prompts); with one they also score exact-match accuracy
+    b = read_jsonl(benign, {"prompt": str}, nonempty=("prompt",))
+    h = read_jsonl(harmful, {"prompt": str}, nonempty=("prompt",))
+    for path, records in ((benign, b), (harmful, h)):
+        for index, r in enumerate(records, start=1):
+            for key in ("answer", "skill", "category"):
+                if key in r and not isinstance(r[key], str):
+                    raise DataError(f"{path}: record {index}: {key!r} must be a string")
     manifest = None
     if data_dir is not None and os.path.isfile(os.path.join(data_dir, MANIFEST_FILE)):
         with open(os.path.join(data_dir, MANIFEST_FILE), encoding="utf-8") as f:
@@ -73,12 +78,17 @@ def evaluate_model(
     device: str = "cpu",
     model=None,
     tokenizer=None,
+    dtype: str = "float32",
+    audit: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Evaluate one model; returns the metrics dict described in the module docstring.
 
     ``max_new_tokens`` defaults to the longest reference answer (in tokens) + 8, at least 16,
-    so a refusal is always long enough to be recognised. ``limit`` keeps the first N prompts of
-    each set (quick looks). ``model``/``tokenizer`` may be passed in-memory instead of loading.
+    so a refusal is always long enough to be recognised (64 when no benign prompt has a
+    reference answer: real chat answers). ``limit`` keeps the first N prompts of each set (quick
+    looks). ``model``/``tokenizer`` may be passed in-memory instead of loading. ``dtype``:
+    float32, bfloat16 or float16. ``audit``: a JSONL path that receives every prompt, response
+    and verdict. Rates come with 95 % Wilson intervals (``*_interval``) and their ``n``.
     """
     import time
 
@@ -87,10 +97,11 @@ def evaluate_model(
     if limit:
         b, h = b[:limit], h[:limit]
     if model is None or tokenizer is None:
-        model, tokenizer = load_model(model_dir, device=device)
+        model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
     judge = judge or KeywordJudge()
     if max_new_tokens is None:
-        longest = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in b)
+        answers = [r["answer"] for r in b if "answer" in r]
+        longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers), default=56)
         max_new_tokens = max(16, longest + 8)
 
     b_out = generate(model, tokenizer, [r["prompt"] for r in b], max_new_tokens, batch_size)
@@ -98,38 +109,58 @@ def evaluate_model(
     b_ref = judge.refusals([r["prompt"] for r in b], b_out)
     h_ref = judge.refusals([r["prompt"] for r in h], h_out)
 
-    skills = list(dict.fromkeys(r["skill"] for r in b))
-    correct: Dict[str, List[bool]] = {s: [] for s in skills}
-    over: Dict[str, List[bool]] = {s: [] for s in skills}
+    def group(r):
+        return r.get("skill") or r.get("category") or "all"
+
+    correct: Dict[str, List[bool]] = {}
+    over: Dict[str, List[bool]] = {}
     for r, o, ref in zip(b, b_out, b_ref):
-        correct[r["skill"]].append(normalize(o) == normalize(r["answer"]))
-        over[r["skill"]].append(ref)
-    h_skills = list(dict.fromkeys(r.get("skill", "all") for r in h))
-    refused: Dict[str, List[bool]] = {s: [] for s in h_skills}
+        if "answer" in r:
+            correct.setdefault(group(r), []).append(normalize(o) == normalize(r["answer"]))
+        over.setdefault(group(r), []).append(ref)
+    refused: Dict[str, List[bool]] = {}
     for r, ref in zip(h, h_ref):
-        refused[r.get("skill", "all")].append(ref)
+        refused.setdefault(group(r), []).append(ref)
 
     accuracy = {s: _rate(v) for s, v in correct.items()}
     result: Dict[str, Any] = {
         "model": os.fspath(model_dir) if model_dir is not None else None,
         "refusal_rate": _rate(h_ref),
+        "refusal_interval": list(wilson_interval(int(sum(h_ref)), len(h_ref))),
         "over_refusal_rate": _rate(b_ref),
+        "over_refusal_interval": list(wilson_interval(int(sum(b_ref)), len(b_ref))),
         "accuracy": accuracy,
-        "mean_accuracy": sum(accuracy.values()) / len(accuracy),
+        "accuracy_interval": {s: list(wilson_interval(int(sum(v)), len(v))) for s, v in correct.items()},
+        "accuracy_n": {s: len(v) for s, v in correct.items()},
+        "mean_accuracy": sum(accuracy.values()) / len(accuracy) if accuracy else None,
         "n_harmful": len(h),
         "n_benign": len(b),
         "refusal_by_skill": {s: _rate(v) for s, v in refused.items()},
         "over_refusal_by_skill": {s: _rate(v) for s, v in over.items()},
         "judge": getattr(judge, "name", type(judge).__name__),
         "max_new_tokens": max_new_tokens,
+        "dtype": dtype,
     }
+    if audit:
+        rows = [{"set": "benign", **r, "output": o, "refused": bool(ref),
+                 **({"correct": normalize(o) == normalize(r["answer"])} if "answer" in r else {})}
+                for r, o, ref in zip(b, b_out, b_ref)]
+        rows += [{"set": "harmful", **r, "output": o, "refused": bool(ref)} for r, o, ref in zip(h, h_out, h_ref)]
+        folder = os.path.dirname(os.path.abspath(audit))
+        os.makedirs(folder, exist_ok=True)
+        temporary = f"{audit}.tmp{os.getpid()}"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(temporary, audit)
+        result["audit"] = os.fspath(audit)
     if manifest and manifest.get("expert_skills"):
         ex = [s for s in manifest["expert_skills"] if s in accuracy]
         if ex:
             result["expert_skills"] = ex
             result["mean_expert_accuracy"] = sum(accuracy[s] for s in ex) / len(ex)
     result["samples"] = {
-        "benign": [{"prompt": r["prompt"], "answer": r["answer"], "output": o}
+        "benign": [{"prompt": r["prompt"], "answer": r.get("answer"), "output": o}
                    for r, o in list(zip(b, b_out))[:3]],
         "harmful": [{"prompt": r["prompt"], "output": o} for r, o in list(zip(h, h_out))[:3]],
     }

@@ -206,6 +206,7 @@ class Antidote(LocatingFusionMethod):
             load_tokenizer,
         )
         from mergekit_safety.engine.tokenizer import tokenizer_folders
+        from mergekit_safety.engine.vocabulary import aligned
         from mergekit_safety.fusion.sources import FusedSource
 
         p = request.parameters
@@ -216,7 +217,7 @@ class Antidote(LocatingFusionMethod):
         base_dir = resolve_model(request.base)
         base = SafetensorsSource(base_dir)
         expert_dirs = [resolve_model(e) for e in request.experts]
-        experts = [SafetensorsSource(d) for d in expert_dirs]
+        experts = [aligned(SafetensorsSource(d), base) for d in expert_dirs]  # added tokens: base vocabulary
 
         calibration = {}
         examples: List[Dict[str, str]] = []

@@ -70,7 +70,7 @@ class RESTA(FusionMethod):
                 )
             return masks
         base = inputs.base.float()
-        vector = base - model_tensor(unaligned, inputs.name, base)
+        vector = base - model_tensor(unaligned, inputs.name, base, inputs.vocabulary)
         seed = int(parameters["control_seed"])
         drop = float(parameters["safety_drop"])
         if drop > 0:

@@ -61,6 +61,19 @@ class MergekitMethod(GroupMergeMethod):
             from mergekit_safety.plugin.checks import check_at_plan_time
 
             check_at_plan_time(config)
+            self._vocabulary = output_vocabulary(config)
+
+    _vocabulary = None  # output row → base-vocabulary row of the merge being planned
+
+    def vocabulary_for(self, name: str, rows: int):
+        """The output → base row map for a vocabulary tensor of ``rows`` rows (None if the
+        output vocabulary is the base's)."""
+        from mergekit_safety.engine.vocabulary import is_vocabulary_tensor
+
+        vocabulary = self._vocabulary
+        if vocabulary is None or not is_vocabulary_tensor(name) or vocabulary.numel() != rows:
+            return None
+        return vocabulary
 
     # ---- per tensor
 
@@ -74,6 +87,7 @@ class MergekitMethod(GroupMergeMethod):
             base_model=group.base.id if references else None,
             expert_models=[entry.id for entry in experts] if references else None,
             labels=[group.base.id] + [entry.id for entry in experts],
+            vocabulary=self.vocabulary_for(group.metadata.name or "", group.base.tensor.shape[0] if group.base.tensor.dim() else 0),
         )
         return self.method.merge(inputs, self.as_lists(parameters, group))
 
@@ -86,6 +100,37 @@ class MergekitMethod(GroupMergeMethod):
             else:
                 out[name] = value
         return out
+
+
+def output_vocabulary(config):
+    """For a merge whose output vocabulary is not the base model's (``tokenizer_source: union``
+    or a model, or added tokens): output row → base row (-1 for a token the base lacks), from
+    mergekit's own tokenizer build — the permutation it applies to the base's embeddings.
+    None when the output vocabulary is the base's."""
+    import torch
+
+    tokenizer = getattr(config, "tokenizer", None)
+    source = getattr(tokenizer, "source", None) if tokenizer is not None else config.tokenizer_source
+    added = tuple((getattr(tokenizer, "tokens", None) or {}).keys()) if tokenizer is not None else ()
+    if source is None or (source == "base" and not added) or config.base_model is None:
+        return None
+    from mergekit.tokenizer.build import build_tokenizer
+
+    info = build_tokenizer(
+        base_model=config.base_model,
+        referenced_models=list(config.referenced_models()),
+        tokenizer_source=source,
+        trust_remote_code=False,
+        add_tokens=list(added),
+    )
+    permutation = info.permutations.get(config.base_model, {})
+    rows = torch.full((len(info.tokenizer.get_vocab()),), -1, dtype=torch.long)
+    for out_row, base_row in permutation.items():
+        if 0 <= out_row < rows.numel():
+            rows[out_row] = base_row
+    if rows.numel() and bool((rows == torch.arange(rows.numel())).all()):
+        return None  # the base's own order: nothing to map
+    return rows
 
 
 def planning_config():

@@ -32,7 +32,7 @@ import torch
 
 from mergekit_safety.fusion.artifacts import ArtifactError, tensor_key
 from mergekit_safety.fusion.kernel import TensorMasks
-from mergekit_safety.fusion.method import LocatingFusionMethod, TensorInputs
+from mergekit_safety.fusion.method import LocatingFusionMethod, TensorInputs, read_rows
 from mergekit_safety.fusion.settings import (
     AUTO,
     DARE_BACKBONES,
@@ -217,18 +217,15 @@ class SOMF(LocatingFusionMethod):
         key = tensor_key(LOGITS_ROLE, name)
         if not artifact.has(key):
             return TensorMasks()  # not a masked tensor: plain backbone, as in training
-        shape = artifact.shape(key)
-        if shape != tuple(base.shape):
-            raise ArtifactError(
-                f"{artifact.path}: logits {key!r} have shape {list(shape)} but tensor {name} has "
-                f"shape {list(base.shape)} — the artifact was made for other models; recompute it"
-            )
+        # the logits in the base's vocabulary; rows of tokens the base lacks (a re-aligned
+        # output vocabulary) get a large logit: kept, i.e. the plain fusion, as never trained
+        logits = read_rows(artifact, key, base, name, inputs.vocabulary, fill=30.0)
         mode = parameters.get("mask_mode", "binary")
         if mode == "binary" and parameters.get("control", "none") != "random":
             # the same 1[s > 0] as mask_from_logits, straight to the merge dtype (no float copy)
-            mask = (artifact.get(key) > 0).to(device=base.device, dtype=base.dtype)
+            mask = (logits > 0).to(device=base.device, dtype=base.dtype)
         else:
-            mask = mask_from_logits(artifact.get(key), mode, name, int(parameters.get("control_seed", 0)))
+            mask = mask_from_logits(logits, mode, name, int(parameters.get("control_seed", 0)))
             if parameters.get("control", "none") == "random":
                 mask = random_control_mask(mask, name, int(parameters.get("control_seed", 0)))
             mask = mask.to(device=base.device, dtype=base.dtype)

@@ -63,12 +63,14 @@ def fused_model(base_dir: str, expert_dirs: Sequence[str], fuse_kwargs: Mapping[
     from transformers import AutoModelForCausalLM
 
     from mergekit_safety.engine.calibration import SafetensorsSource
+    from mergekit_safety.engine.vocabulary import aligned
     from mergekit_safety.fusion.sources import FusedSource
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, dtype))
     if not expert_dirs:
         return model.to(device).eval()
-    source = FusedSource(SafetensorsSource(base_dir), [SafetensorsSource(d) for d in expert_dirs], fuse_kwargs, seed=seed)
+    base = SafetensorsSource(base_dir)
+    source = FusedSource(base, [aligned(SafetensorsSource(d), base) for d in expert_dirs], fuse_kwargs, seed=seed)
     state = model.state_dict()
     with torch.no_grad():
         for name in tqdm(sorted(state), desc="pairs: unmasked fusion", disable=not progress, leave=False):

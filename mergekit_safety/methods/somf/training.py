@@ -57,6 +57,7 @@ from mergekit_safety.engine.checkpoint import Checkpoint, CheckpointError
 from mergekit_safety.engine.modules import ModuleSelectionError, select
 from mergekit_safety.engine.seeding import seeded, tensor_seed  # noqa: F401  (tensor_seed: public)
 from mergekit_safety.engine.tokenizer import TokenizerError, pad_id
+from mergekit_safety.engine.vocabulary import aligned
 from mergekit_safety.fusion.kernel import TensorMasks, fuse
 from mergekit_safety.methods.somf.masks import mask_from_logits
 
@@ -120,7 +121,8 @@ class FunctionalFusion:
         self.seed = settings.dare_seed
         try:
             base = Checkpoint(base_path, check_finite=True)
-            experts = [Checkpoint(p, check_finite=True) for p in expert_paths]
+            # experts with added tokens: vocabulary rows re-indexed to the base's (engine.vocabulary)
+            experts = [aligned(Checkpoint(p, check_finite=True), base) for p in expert_paths]
         except CheckpointError as error:
             raise SOMFTrainingError(f"somf: {error} (SOMF reads safetensors only)") from None
         for path, checkpoint in zip(expert_paths, experts):
