@@ -61,12 +61,14 @@ def one_thread():
 
 
 def somf_yaml(family, data, extra="", density=""):
-    parameters = f"  preference_data: {data['pairs']}\n  steps: 4\n  batch_size: 8\n" + extra
+    parameters = f"  preference_data: {data['pairs']}\n  steps: 4\n  batch_size: 8\n  preset: paper\n" + extra
     return merge_yaml("somf", family, EXPERTS, parameters, density)
 
 
 def settings_for(family, data, **overrides):
-    values = dict(preference_data=data["pairs"], steps=4, batch_size=8, weights=(0.5, 0.75), densities=(1.0, 1.0))
+    # the mechanics tests run the paper's preset (init 0: masks that move in a few steps)
+    values = dict(preference_data=data["pairs"], steps=4, batch_size=8, weights=(0.5, 0.75), densities=(1.0, 1.0),
+                  preset="paper")
     values.update(overrides)
     return SOMFSettings(**values)
 
@@ -373,3 +375,83 @@ def test_chosen_nll_term_is_optimised(family, data):
     assert nll_extra["history"][-1]["chosen_nll"] < nll_extra["history"][0]["chosen_nll"]
     assert any(not torch.equal(plain[k], nll[k]) for k in plain)
     assert 0.0 <= nll_extra["binary_mask_eval"]["chosen_first_token_greedy"] <= 1.0
+
+
+# --------------------------------------------------------------------------- stopping rule
+
+
+def test_stopping_rule_stops_early_and_records_why(family, data):
+    from mergekit_safety.methods.somf.training import train_mask
+
+    # a generous rule (any margin, half of the held-aside pairs) holds at the first check
+    settings = settings_for(family, data, steps=40, lr=0.05, modules="attention", stop_preference=0.5,
+                            stop_margin=-1e9, check_every=5, validation_share=0.25)
+    logits, extra = train_mask(family["base"], experts_of(family), settings, progress=False)
+    stopping = extra["stopping"]
+    assert stopping["stopped_early"] and stopping["steps_run"] == 5
+    assert stopping["held_aside_pairs"] == 6 and "held-aside preference" in stopping["reason"]
+    assert stopping["checks"][0]["preferred"] == 1.0
+
+    # an impossible rule runs to the cap and says so
+    settings = settings_for(family, data, steps=10, modules="attention", stop_preference=1.0,
+                            stop_margin=1e9, check_every=5)
+    _, extra = train_mask(family["base"], experts_of(family), settings, progress=False)
+    assert not extra["stopping"]["stopped_early"] and extra["stopping"]["steps_run"] == 10
+    assert "step cap 10 reached" in extra["stopping"]["reason"] and len(extra["stopping"]["checks"]) == 2
+
+
+def test_held_aside_pairs_are_never_trained_on(family, data, monkeypatch):
+    from mergekit_safety.methods.somf import training
+
+    last, trained = {}, []
+    original_trim, original_sample = training._trim, training.FunctionalFusion.sample_masks
+
+    def trim(ids, att, resp):
+        last["ids"] = ids
+        return original_trim(ids, att, resp)
+
+    def sample_masks(self, generator):  # called once per step, right after its batch is cut
+        trained.append(last["ids"])
+        return original_sample(self, generator)
+
+    rules = []
+
+    class Spy(training.StoppingRule):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            rules.append(self)
+
+    monkeypatch.setattr(training, "_trim", trim)
+    monkeypatch.setattr(training.FunctionalFusion, "sample_masks", sample_masks)
+    monkeypatch.setattr(training, "StoppingRule", Spy)
+    settings = settings_for(family, data, steps=12, modules="attention", stop_preference=1.0, stop_margin=1e9,
+                            check_every=100, validation_share=0.25, batch_size=4)
+    training.train_mask(family["base"], experts_of(family), settings, progress=False)
+    ids, _, _, _ = training.encode_pairs(data["pairs"], training.load_tokenizer(family["base"]), settings.max_length)
+    held = {tuple(ids[i].tolist()) for i in rules[0].held_index.tolist()}
+    rows = {tuple(row.tolist()) for batch in trained for row in batch}
+    assert len(trained) == 12 and len(held) == 6
+    # a batch is trimmed to its longest row: compare each trained row with the held rows' prefixes
+    assert not any(h[: len(r)] == r for h in held for r in rows)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def test_presets_fill_only_what_is_left_empty(family, data, tmp_path):
+    from mergekit_safety.fusion.artifacts import open_artifact as open_
+
+    recipe = SOMFSettings(preference_data="x")
+    assert (recipe.init, recipe.lr, recipe.keep_rescale, recipe.chosen_nll_weight, recipe.stop_preference) == (1.0, 0.2, False, 0.5, 0.98)
+    paper = SOMFSettings(preference_data="x", preset="paper", lr=0.05)
+    assert (paper.init, paper.lr, paper.keep_rescale, paper.steps, paper.stop_preference) == (0.0, 0.05, True, 300, 0.0)
+    # the artifact records the resolved values, so a preset change makes it stale
+    mask = tmp_path / "m.safetensors"
+    text = merge_yaml("somf", family, EXPERTS, f"  preference_data: {data['pairs']}\n  steps: 2\n  batch_size: 8\n  modules: attention\n  mask: {mask}\n")
+    (tmp_path / "c.yml").write_text(text)
+    locate_config(str(tmp_path / "c.yml"))
+    settings = open_(str(mask)).metadata.settings
+    assert settings["preset"] == "recipe" and settings["init"] == 1.0 and settings["steps"] == 2
+    (tmp_path / "c.yml").write_text(text.replace("  steps: 2\n", "  steps: 2\n  preset: paper\n"))
+    with pytest.raises(ArtifactError, match="setting init: 1.0 → 0.0"):
+        locate_config(str(tmp_path / "c.yml"))

@@ -105,7 +105,17 @@ class Locator:
 
     # ---- shared
 
+    def resolved(self, request: LocateRequest) -> LocateRequest:
+        """The request with preset-controlled parameters filled from the preset."""
+        import dataclasses
+
+        resolve = getattr(self.settings, "resolve", None)
+        if resolve is None:
+            return request
+        return dataclasses.replace(request, parameters=resolve(dict(request.parameters)))
+
     def artifact_record(self, request: LocateRequest) -> ArtifactMetadata:
+        request = self.resolved(request)
         settings = {name: _jsonable(request.parameters.get(name)) for name in self.locate_parameters}
         if self.expert_locate_parameters:
             settings["experts"] = [
@@ -189,7 +199,7 @@ class Locator:
                 self.check_current(path, record)
                 return path
             logger.info("%s: computing %s", request.method, path)
-            tensors, extra = self.compute_artifact(request)
+            tensors, extra = self.compute_artifact(self.resolved(request))
             record.extra = {**record.extra, **extra}
             write_artifact(path, tensors, record)
         return path

@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Literal, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from typing_extensions import Annotated
 
 UnitInterval = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -114,7 +114,7 @@ class DeclaredSettings(BaseModel):
                     field=name,
                     value_type=value_type,
                     default=info.default,
-                    description=info.description or "",
+                    description=(info.description or "") + (cls.preset_note(info.alias or name) if hasattr(cls, "preset_note") else ""),
                     per_model=bool(extra.get("per_model")),
                     locate=bool(extra.get("locate")),
                     data=bool(extra.get("data")),
@@ -135,7 +135,23 @@ class DeclaredSettings(BaseModel):
 
 
 class FusionSettings(DeclaredSettings):
-    """Parameters of every method: the fusion backbone and an optional mask artifact."""
+    """Parameters of every method: the fusion backbone and an optional mask artifact.
+
+    Presets: a method may declare ``PRESETS = {name: {parameter: value}}`` and a ``preset``
+    field. A preset-controlled parameter is declared with default None ("from the preset");
+    :meth:`resolve` fills every None from the chosen preset, so an explicit value always wins
+    and the paper's exact setting stays one parameter away (``preset: paper``).
+    """
+
+    #: preset name → {parameter (YAML name): value}
+    PRESETS: ClassVar[Dict[str, Dict[str, Any]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if cls.PRESETS and isinstance(data, dict):
+            return cls.resolve(data)
+        return data
 
     #: whether the artifact depends on the fusion (its backbone settings and per-model
     #: weights/densities are then recorded in it, e.g. SOMF trains through the fusion)
@@ -199,6 +215,27 @@ class FusionSettings(DeclaredSettings):
     def defaults(cls) -> Dict[str, Any]:
         """Global parameter name → default."""
         return {p.name: p.default for p in cls.parameters() if not p.per_model}
+
+    @classmethod
+    def resolve(cls, values: Dict[str, Any]) -> Dict[str, Any]:
+        """``values`` (by YAML name) with every None of a preset-controlled parameter filled
+        from the chosen preset (``values['preset']``, else the field's default)."""
+        if not cls.PRESETS:
+            return dict(values)
+        name = values.get("preset") or cls.model_fields["preset"].default
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown preset {name!r} (one of {sorted(cls.PRESETS)})")
+        out = dict(values)
+        for key, value in cls.PRESETS[name].items():
+            if out.get(key) is None:
+                out[key] = value
+        return out
+
+    @classmethod
+    def preset_note(cls, name: str) -> str:
+        """' (recipe: 1.0, paper: 0.0)' for a preset-controlled parameter, else ''."""
+        values = [f"{preset}: {table[name]!r}" for preset, table in cls.PRESETS.items() if name in table]
+        return f" — empty = the preset's ({', '.join(values)})" if values else ""
 
     @classmethod
     def from_parameters(cls, values: Dict[str, Any]) -> "FusionSettings":

@@ -41,6 +41,7 @@ from mergekit_safety.fusion.settings import (
     NonNegativeInt,
     Positive,
     PositiveInt,
+    UnitInterval,
     setting,
 )
 from mergekit_safety.methods.somf.masks import mask_from_logits, random_control_mask
@@ -51,9 +52,24 @@ LOGITS_ROLE = "logits"
 
 
 class SOMFSettings(LocatingSettings):
-    """Every SOMF parameter (validated; the locate settings are recorded in the artifact)."""
+    """Every SOMF parameter (validated; the locate settings are recorded in the artifact).
+
+    Two presets (docs/somf.md): ``recipe`` (default) — the measured working recipe: start from
+    the unmasked fusion (init 1), no per-tensor rescale, an NLL pull towards the refusals and a
+    strong KL utility term, lr 0.2, and a stopping rule with a 6000-step cap; ``paper`` — the
+    paper's setting (init 0, rescale, DPO only, lr 0.01, 300 steps). Parameters left empty take
+    the preset's value; an explicit value always wins.
+    """
 
     artifact_depends_on_fusion: ClassVar[bool] = True  # the mask is trained through the fusion
+    PRESETS: ClassVar[Dict[str, Dict[str, Any]]] = {
+        "recipe": {"init": 1.0, "keep_rescale": False, "chosen_nll_weight": 0.5, "utility_weight": 10.0,
+                   "lr": 0.2, "steps": 6000, "stop_preference": 0.98},
+        "paper": {"init": 0.0, "keep_rescale": True, "chosen_nll_weight": 0.0, "utility_weight": 0.0,
+                  "lr": 1e-2, "steps": 300, "stop_preference": 0.0},
+    }
+
+    preset: Literal["recipe", "paper"] = setting("recipe", "defaults of the parameters left empty: recipe (measured working recipe) or paper (Yi et al.'s setting)", locate=True)
 
     # data
     preference_data: str = setting("", "JSONL of safety preference pairs (prompt, chosen refusal, rejected harmful answer), or 'auto': built from the models themselves on harmful_prompts (the aligned model's refusals vs the unmasked fusion's compliant answers)", data=True, keys=("prompt", "chosen", "rejected"), auto_from="harmful_prompts")
@@ -65,21 +81,27 @@ class SOMFSettings(LocatingSettings):
     # mask
     modules: str = setting("linear", "masked tensors: comma list of presets (attention, mlp, linear, all) or regexes on tensor names", locate=True)
     temperature: Positive = setting(0.5, "Concrete relaxation temperature (paper: 0.5)", locate=True)
-    init: float = setting(0.0, "initial mask logit (paper: 0, p = 0.5)", locate=True)
-    keep_rescale: bool = setting(True, "per-tensor rescale τ̃ = m ⊙ τ / mean(m) (paper)", locate=True)
+    init: Optional[float] = setting(None, "initial mask logit (paper: 0, p = 0.5)", locate=True)
+    keep_rescale: Optional[bool] = setting(None, "per-tensor rescale τ̃ = m ⊙ τ / mean(m) (paper: on)", locate=True)
     # objective
     beta: Positive = setting(0.1, "DPO β", locate=True)
     reference: Literal["fusion", "aligned", "none"] = setting("fusion", "DPO reference log-probs: fusion = the unmasked fusion (default), aligned = the base (aligned) model — the mask must make the fusion prefer refusals at least as much as the aligned model does —, none = reference-free margin", locate=True)
-    chosen_nll_weight: NonNegative = setting(0.0, "weight of a per-token NLL on the chosen (safe) answers, RPO-style (extension; 0 = off)", locate=True)
-    utility_weight: NonNegative = setting(0.0, "weight of the utility term on utility_data (extension; 0 = off)", locate=True)
+    chosen_nll_weight: Optional[NonNegative] = setting(None, "weight of a per-token NLL on the chosen (safe) answers, RPO-style (extension; 0 = off)", locate=True)
+    utility_weight: Optional[NonNegative] = setting(None, "weight of the utility term on utility_data (extension; 0 = off)", locate=True)
     utility_loss: Literal["kl", "ce"] = setting("kl", "utility term: kl to the unmasked fusion, or ce on the responses", locate=True)
     sparsity_weight: NonNegative = setting(0.0, "weight of a penalty on the expected mask density (extension; 0 = off)", locate=True)
     entropy_weight: NonNegative = setting(0.0, "weight of a penalty on the mean binary entropy of σ(s): decided logits, so the exported binary mask is the model training saw (extension; 0 = off)", locate=True)
     # optimisation
-    lr: Positive = setting(1e-2, "AdamW learning rate (cosine decay)", locate=True)
-    steps: PositiveInt = setting(300, "optimisation steps", locate=True)
+    lr: Optional[Positive] = setting(None, "AdamW learning rate (cosine decay)", locate=True)
+    steps: Optional[PositiveInt] = setting(None, "optimisation steps (the cap, with a stopping rule)", locate=True)
     batch_size: PositiveInt = setting(16, "preference pairs (and utility examples) per step", locate=True)
     train_seed: int = setting(0, "seed of the mask training (batches, Concrete noise; DARE drop if `seed` is empty)", locate=True)
+    # stopping rule (docs/somf.md): stop once the merge-time mask prefers the refusal on held-aside pairs
+    stop_preference: Optional[UnitInterval] = setting(None, "stop when the binary mask prefers the chosen answer on this share of the held-aside pairs (0 = off: run `steps`)", locate=True)
+    stop_margin: float = setting(0.0, "by more than this many nats of log-likelihood", locate=True)
+    max_utility_kl: NonNegative = setting(0.0, "and (with utility data) the per-token KL to the unmasked fusion is at most this (0 = no bound)", locate=True)
+    validation_share: UnitInterval = setting(0.125, "share of the pairs held aside for the stopping rule (never trained on)", locate=True)
+    check_every: PositiveInt = setting(50, "steps between two checks of the stopping rule", locate=True)
     # execution (not recorded: they do not change the result beyond float rounding)
     device: str = setting("cpu", "device of the mask training (cpu, cuda, cuda:1, ...)")
     dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "model dtype during mask training (logits stay float32)")

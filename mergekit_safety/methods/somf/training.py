@@ -432,13 +432,22 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
     )
     total_elements = fusion.masked_elements()
     history: List[Dict[str, float]] = []
-    order = torch.randperm(n_pairs, generator=generator)
+    rule = StoppingRule(settings, n_pairs, batch) if settings.stop_preference > 0 else None
+    train_index = rule.train_index if rule is not None else None
+    n_train = n_pairs if train_index is None else train_index.numel()
+    batch = min(batch, n_train)
+
+    def shuffled():
+        order = torch.randperm(n_train, generator=generator)
+        return order if train_index is None else train_index[order]
+
+    order = shuffled()
     u_order = torch.randperm(utility[0].shape[0], generator=generator) if utility is not None else None
     position = u_position = 0
     bar = tqdm(range(settings.steps), desc="somf: learn mask", disable=not progress, mininterval=0.5)
     for step in bar:
-        if position + batch > n_pairs:
-            order, position = torch.randperm(n_pairs, generator=generator), 0
+        if position + batch > n_train:
+            order, position = shuffled(), 0
         index = order[position:position + batch]
         position += batch
         rows = torch.cat([index, index + n_pairs])
@@ -480,13 +489,102 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
         schedule.step()
         record["loss"] = float(loss.detach())
         history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", dpo=f"{record['dpo']:.4f}")
+        postfix = {"loss": f"{record['loss']:.4f}", "dpo": f"{record['dpo']:.4f}"}
+        if rule is not None and ((step + 1) % settings.check_every == 0 or step + 1 == settings.steps):
+            check = rule.check(fusion, ids, att, resp, utility, utility_ref, step + 1)
+            postfix["held_pref"] = f"{check['preferred']:.3f}"
+            if check["stop"]:
+                bar.set_postfix(**postfix)
+                break
+        if rule is not None and rule.checks:
+            postfix["held_pref"] = f"{rule.checks[-1]['preferred']:.3f}"
+        bar.set_postfix(**postfix)
     bar.close()
 
     logits = {name: value.detach().to("cpu", torch.float32).clone() for name, value in fusion.logits.items()}
     extra = summarize(fusion, settings, history, logits, started)
+    if rule is not None:
+        extra["stopping"] = rule.report(len(history))
     extra["binary_mask_eval"] = evaluate_fixed(fusion, ids, att, resp, n_pairs, ref_chosen, ref_rejected, settings.beta, batch)
     return logits, extra
+
+
+class StoppingRule:
+    """Ends training when the merge-time (binary) mask makes the fusion prefer the refusal.
+
+    A held-aside share of the preference pairs (``validation_share``, drawn with its own seed,
+    never trained on) is scored every ``check_every`` steps with the deterministic mask the
+    merge will use: the share of pairs whose chosen answer is more likely than the rejected
+    one by more than ``stop_margin`` nats. Training stops once that share reaches
+    ``stop_preference`` — and, when ``max_utility_kl`` > 0 and utility data is given, the mean
+    per-token KL of the masked fusion to the unmasked one on a fixed utility batch is within
+    it — or at the step cap (``steps``). The artifact records why and when it stopped.
+    """
+
+    def __init__(self, settings, n_pairs: int, batch: int):
+        self.settings = settings
+        held = max(4, int(round(settings.validation_share * n_pairs)))
+        if n_pairs - held < 2:
+            raise SOMFTrainingError(
+                f"somf: {n_pairs} preference pairs are too few to hold {held} aside for the stopping "
+                "rule; give more pairs, or stop_preference: 0"
+            )
+        order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(settings.train_seed + 1_000_003))
+        self.held_index, self.train_index = order[:held].sort().values, order[held:].sort().values
+        self.batch = batch
+        self.checks: List[Dict[str, Any]] = []
+        self.stopped: Optional[Dict[str, Any]] = None
+
+    @torch.no_grad()
+    def check(self, fusion, ids, att, resp, utility, utility_ref, step: int) -> Dict[str, Any]:
+        settings = self.settings
+        params = fusion.parameters_for(fusion.fixed_masks("binary"))
+        n_pairs = ids.shape[0] // 2
+        margins = []
+        for start in range(0, self.held_index.numel(), self.batch):
+            index = self.held_index[start:start + self.batch]
+            rows = torch.cat([index, index + n_pairs])
+            b_ids, b_att, b_resp = _trim(ids[rows], att[rows], resp[rows])
+            logps = sequence_logps(fusion.forward(params, b_ids, b_att), b_ids, b_resp).cpu()
+            margins.append(logps[: len(index)] - logps[len(index):])
+        margin = torch.cat(margins)
+        record: Dict[str, Any] = {
+            "step": step,
+            "preferred": float((margin > settings.stop_margin).float().mean()),
+            "median_margin": float(margin.median()),
+        }
+        utility_ok = True
+        if utility is not None and settings.max_utility_kl > 0:
+            u_ids, u_att, u_resp = utility
+            k = min(self.batch, u_ids.shape[0])
+            ub_ids, ub_att, ub_resp = _trim(u_ids[:k], u_att[:k], u_resp[:k])
+            kl = utility_term(fusion, params, ub_ids, ub_att, ub_resp, "kl",
+                              None if utility_ref is None else utility_ref[:k][:, : ub_ids.shape[1]])
+            record["utility_kl"] = float(kl)
+            utility_ok = record["utility_kl"] <= settings.max_utility_kl
+        record["stop"] = record["preferred"] >= settings.stop_preference and utility_ok
+        self.checks.append(record)
+        if record["stop"] and self.stopped is None:
+            self.stopped = record
+        return record
+
+    def report(self, steps_run: int) -> Dict[str, Any]:
+        settings = self.settings
+        if self.stopped is not None:
+            reason = (f"held-aside preference {self.stopped['preferred']:.3f} >= {settings.stop_preference}"
+                      + (f" and utility KL {self.stopped['utility_kl']:.4f} <= {settings.max_utility_kl}"
+                         if "utility_kl" in self.stopped else ""))
+        else:
+            reason = f"step cap {settings.steps} reached before the rule held"
+        return {
+            "rule": {k: getattr(settings, k) for k in ("stop_preference", "stop_margin", "max_utility_kl",
+                                                         "validation_share", "check_every", "steps")},
+            "held_aside_pairs": int(self.held_index.numel()),
+            "steps_run": steps_run,
+            "stopped_early": self.stopped is not None and steps_run < settings.steps,
+            "reason": reason,
+            "checks": self.checks,
+        }
 
 
 @torch.no_grad()
