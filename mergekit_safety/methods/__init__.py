@@ -13,7 +13,9 @@ def all_methods() -> List:
     from mergekit_safety.methods.antidote import Antidote
     from mergekit_safety.methods.masked_fusion import MaskedFusionMethod
     from mergekit_safety.methods.resta import RESTA
+    from mergekit_safety.methods.safe_lora import SafeLoRA
+    from mergekit_safety.methods.safemerge import SafeMerge
     from mergekit_safety.methods.somf.method import SOMF
     from mergekit_safety.methods.ssah.method import SSAHMethod
 
-    return [MaskedFusionMethod(), SOMF(), Antidote(), SSAHMethod(), RESTA()]
+    return [MaskedFusionMethod(), SOMF(), Antidote(), SSAHMethod(), RESTA(), SafeLoRA(), SafeMerge()]

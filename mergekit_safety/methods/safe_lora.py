@@ -1,0 +1,205 @@
+"""``safe_lora``: project updates onto the alignment subspace (Hsu et al., NeurIPS 2024, arXiv 2405.16833).
+
+Per weight matrix W (the 2-D Linear weights of the decoder layers, narrowed by ``modules``):
+
+    V = W_A − W_U                      (aligned minus unaligned: the alignment direction)
+    C = V Vᵀ / ‖V‖_F                   (the paper's alignment projector)
+    cos(ΔW) = ⟨C ΔW, ΔW⟩_F / (‖C ΔW‖_F ‖ΔW‖_F)
+
+and where the update ΔW strays from the alignment subspace — ``cos < threshold``, or among the
+``top_k`` lowest cosines — it is replaced by its projection C ΔW. The update is each expert's
+task vector τ_i (``apply_to: experts``, the paper's form: each fine-tune projected before the
+fusion) or the fused update (``apply_to: fusion``). C is never formed when V is tall: C ΔW is
+computed as V (Vᵀ ΔW) / ‖V‖_F or (V Vᵀ) ΔW / ‖V‖_F, whichever is cheaper.
+
+Data-free, but the layer choice needs every layer's cosine (top-k ranks them), so the cosines
+are computed once from the models (a locate step without data: base, experts and the
+unaligned model are fingerprinted) and stored as an artifact; ``threshold``/``top_k``/
+``control`` act at merge time and need no recomputation. Streaming: one tensor of each model
+at a time. ``control: random`` projects a seeded random set of the same number of layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Tuple
+
+import torch
+
+from mergekit_safety.engine.seeding import tensor_seed
+from mergekit_safety.fusion.artifacts import tensor_key
+from mergekit_safety.fusion.kernel import TensorMasks
+from mergekit_safety.fusion.method import LocatingFusionMethod, TensorInputs, model_tensor
+from mergekit_safety.fusion.settings import LocatingSettings, NonNegativeInt, setting
+
+logger = logging.getLogger(__name__)
+
+COSINE_ROLE = "cosine"
+FUSION = "fusion"
+
+
+class ProjectionSettings(LocatingSettings):
+    """Parameters shared by the methods that measure updates against the alignment subspace."""
+
+    artifact_depends_on_fusion: ClassVar[bool] = True  # the fused update's cosines are stored
+
+    unaligned_model: str = setting(
+        "",
+        "the unaligned counterpart θ_U of the base model (a local model folder): the alignment "
+        "direction is θ_A − θ_U. Empty = nothing is projected (the plain backbone, with a warning)",
+        model=True,
+    )
+    modules: str = setting("linear", "weights considered: presets (attention, mlp, linear) or regexes on tensor names", locate=True)
+    threshold: float = setting(0.5, "act on the layers whose update has a projected cosine below this")
+    top_k: NonNegativeInt = setting(0, "instead of the threshold: act on the k lowest-cosine layers (0 = use the threshold)")
+    control: Literal["none", "random"] = setting("none", "random: act on a seeded random set of the same number of layers (control)")
+    control_seed: int = setting(0, "seed of the random control")
+
+
+class SafeLoRASettings(ProjectionSettings):
+    apply_to: Literal["experts", "fusion"] = setting(
+        "experts", "experts: project each expert's task vector before the fusion (paper); fusion: the fused update"
+    )
+
+
+def projected(update: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor:
+    """C·ΔW with C = V Vᵀ / ‖V‖_F, without forming C when it is the larger product."""
+    norm = alignment.norm()
+    if float(norm) == 0:
+        return torch.zeros_like(update)
+    out_rows, in_cols = alignment.shape
+    if out_rows <= in_cols:
+        return (alignment @ alignment.T) @ update / norm
+    return alignment @ (alignment.T @ update) / norm
+
+
+def projected_cosine(update: torch.Tensor, alignment: torch.Tensor) -> float:
+    """cos(C ΔW, ΔW) (1.0 for a zero update: nothing to project)."""
+    update = update.double()
+    image = projected(update, alignment.double())
+    denominator = float(image.norm() * update.norm())
+    return 1.0 if denominator == 0 else float((image * update).sum()) / denominator
+
+
+def candidate_names(base_dir: str, modules: str) -> List[str]:
+    """The 2-D Linear weights of the decoder layers that ``modules`` selects."""
+    from mergekit_safety.engine.calibration import linear_weight_names
+
+    return linear_weight_names(base_dir, modules)
+
+
+def chosen_layers(cosines: Dict[str, float], threshold: float, top_k: int, control: str, seed: int) -> set:
+    """The tensor names acted on: below the threshold (or the k lowest), or — for the random
+    control — a seeded random set of the same size."""
+    if top_k:
+        chosen = set(sorted(cosines, key=lambda n: (cosines[n], n))[:top_k])
+    else:
+        chosen = {n for n, c in cosines.items() if c < threshold}
+    if control == "random":
+        names = sorted(cosines)
+        generator = torch.Generator().manual_seed(tensor_seed(seed, "layers"))
+        order = torch.randperm(len(names), generator=generator).tolist()
+        chosen = {names[i] for i in order[: len(chosen)]}
+    return chosen
+
+
+class ProjectionMethod(LocatingFusionMethod):
+    """Shared by ``safe_lora`` and ``safemerge``: the cosines of every update, once."""
+
+    artifact_roles = (COSINE_ROLE,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._choices: Dict[tuple, Tuple[List[set], set]] = {}
+
+    def can_locate(self, parameters: Dict[str, Any]) -> bool:
+        if parameters.get("unaligned_model"):
+            return True
+        if not getattr(self, "_warned_unaligned", False):
+            self._warned_unaligned = True
+            logger.warning("%s: no unaligned_model given: merging with the plain backbone, WITHOUT safety restoration", self.name)
+        return False
+
+    def compute_artifact(self, request):
+        from mergekit_safety.engine.calibration import SafetensorsSource
+        from mergekit_safety.engine.vocabulary import aligned
+        from mergekit_safety.fusion.models import resolve_model
+        from mergekit_safety.fusion.sources import FusedSource
+
+        p = request.parameters
+        base_dir = resolve_model(request.base)
+        base = SafetensorsSource(base_dir)
+        unaligned = SafetensorsSource(resolve_model(p["unaligned_model"]))
+        experts = [aligned(SafetensorsSource(resolve_model(e)), base) for e in request.experts]
+        fused = FusedSource(base, experts, fuse_arguments(request), seed=p.get("seed"))
+        tensors: Dict[str, torch.Tensor] = {}
+        for name in candidate_names(base_dir, p["modules"]):
+            theta_a = base.get(name).double()
+            alignment = theta_a - unaligned.get(name).double()
+            for index, expert in enumerate(experts):
+                cosine = projected_cosine(expert.get(name).double() - theta_a, alignment)
+                tensors[tensor_key(COSINE_ROLE, name, index)] = torch.tensor([cosine], dtype=torch.float64)
+            cosine = projected_cosine(fused.get(name).double() - theta_a, alignment)
+            tensors[tensor_key(COSINE_ROLE, name)] = torch.tensor([cosine], dtype=torch.float64)
+            for source in (base, unaligned, *experts):
+                source.release()
+        return tensors, {"tensors": len(tensors) // (len(experts) + 1)}
+
+    def cosines(self, artifact, expert: Optional[int]) -> Dict[str, float]:
+        prefix = f"{COSINE_ROLE}/" if expert is None else f"{COSINE_ROLE}@{expert}/"
+        return {key[len(prefix):]: float(artifact.get(key)[0]) for key in artifact.keys() if key.startswith(prefix)}
+
+    def choices(self, artifact, parameters: Dict[str, Any], experts: int) -> Tuple[List[set], set]:
+        """(layers acted on per expert, layers acted on for the fused update), cached."""
+        key = (artifact.path, id(artifact), parameters["threshold"], parameters["top_k"], parameters["control"],
+               parameters["control_seed"], experts)
+        found = self._choices.get(key)
+        if found is None:
+            pick = lambda c: chosen_layers(c, float(parameters["threshold"]), int(parameters["top_k"]),  # noqa: E731
+                                           parameters["control"], int(parameters["control_seed"]))
+            found = ([pick(self.cosines(artifact, i)) for i in range(experts)], pick(self.cosines(artifact, None)))
+            self._choices[key] = found + (artifact,)  # holding the artifact keeps its id() unique
+            logger.info("%s: acting on %s of %d layers per expert, %d for the fusion", self.name,
+                        [len(c) for c in found[0]], len(self.cosines(artifact, None)), len(found[1]))
+        return found[0], found[1]
+
+
+def fuse_arguments(request) -> Dict[str, Any]:
+    """The merge's own fusion settings, from a locate request."""
+    p = request.parameters
+
+    def per_expert(name: str, default: float) -> List[float]:
+        return [float(request.expert_parameters.get(e, {}).get(name) if request.expert_parameters.get(e, {}).get(name) is not None else default)
+                for e in request.experts]
+
+    return dict(backbone=p.get("backbone") or "task_arithmetic", weights=per_expert("weight", 1.0),
+                densities=per_expert("density", 1.0), lambda_=float(p.get("lambda", 1.0)),
+                normalize=p.get("normalize"), rescale=p.get("rescale"))
+
+
+class SafeLoRA(ProjectionMethod):
+    name = "safe_lora"
+    pretty_name = "Safe LoRA: updates projected onto the alignment subspace where they stray from it"
+    reference_url = "https://arxiv.org/abs/2405.16833"
+    summary = (
+        "Per layer, C = V Vᵀ/‖V‖_F with V = θ_A − θ_U; where an update's projected cosine is below "
+        "a threshold (or among the k lowest), it is replaced by C·ΔW — per expert or on the fusion; data-free."
+    )
+    settings = SafeLoRASettings
+
+    def masks_from_artifact(self, artifact, inputs: TensorInputs, parameters: Dict[str, Any]) -> TensorMasks:
+        per_expert, fusion = self.choices(artifact, parameters, len(inputs.experts))
+        name = inputs.name
+        acting = [name in chosen for chosen in per_expert] if parameters["apply_to"] == "experts" else [name in fusion]
+        if not any(acting):
+            return TensorMasks()
+        alignment = (inputs.base.double() - model_tensor(parameters["unaligned_model"], name, inputs.base).double())
+
+        def project(update: torch.Tensor) -> torch.Tensor:
+            return projected(update.double(), alignment).to(update.dtype)
+
+        if parameters["apply_to"] == "experts":
+            positions = [self.expert_position(artifact, inputs, i) for i in range(len(inputs.experts))]
+            return TensorMasks(expert_project=[project if name in per_expert[p] else None for p in positions])
+        return TensorMasks(project=project)

@@ -1,0 +1,108 @@
+"""Safe LoRA and SafeMERGE (data-free): the projected cosine, the layer choice, the limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny_models import build_lab_family, load_state, merge_yaml, run_yaml
+
+from mergekit_safety.methods.safe_lora import chosen_layers, projected, projected_cosine
+
+EXPERTS = ["expert0", "expert1"]
+WEIGHTS = [0.5, 0.75]  # merge_yaml's
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEKIT_SAFETY_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    paths = build_lab_family(str(tmp_path_factory.mktemp("projection")), experts=3, scale=0.3)
+    paths["unaligned"] = paths.pop("expert2")
+    return paths
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
+def test_projection_is_the_papers_formula_without_forming_c(shape):
+    generator = torch.Generator().manual_seed(0)
+    alignment = torch.randn(shape, generator=generator, dtype=torch.float64)
+    update = torch.randn(shape, generator=generator, dtype=torch.float64)
+    c = alignment @ alignment.T / alignment.norm()
+    assert torch.allclose(projected(update, alignment), c @ update)
+    image = c @ update
+    expected = float((image * update).sum() / (image.norm() * update.norm()))
+    assert projected_cosine(update, alignment) == pytest.approx(expected)
+    # ⟨V Vᵀ ΔW, ΔW⟩ = ‖Vᵀ ΔW‖² ≥ 0: the cosine is never negative, so threshold 0 selects nothing
+    assert 0 <= projected_cosine(update, alignment) <= 1
+    assert projected_cosine(alignment, alignment) > projected_cosine(update, alignment)
+
+
+def test_layer_choice_threshold_top_k_and_random_control():
+    cosines = {"a": 0.1, "b": 0.9, "c": 0.3, "d": 0.05}
+    assert chosen_layers(cosines, 0.5, 0, "none", 0) == {"a", "c", "d"}
+    assert chosen_layers(cosines, 0.0, 0, "none", 0) == set()
+    assert chosen_layers(cosines, 0.5, 2, "none", 0) == {"a", "d"}
+    random = chosen_layers(cosines, 0.5, 2, "random", 3)
+    assert len(random) == 2 and random == chosen_layers(cosines, 0.5, 2, "random", 3)
+
+
+def _run(method, family, tmp_path, extra, name):
+    text = merge_yaml(method, family, EXPERTS, f"  unaligned_model: {family['unaligned']}\n" + extra)
+    return run_yaml(text, str(tmp_path / name))
+
+
+@pytest.mark.parametrize("method", ["safe_lora", "safemerge"])
+def test_threshold_zero_is_the_backbone_bit_for_bit(family, tmp_path, method):
+    ours = _run(method, family, tmp_path, "  threshold: 0.0\n", "zero")
+    reference = run_yaml(merge_yaml("task_arithmetic", family, EXPERTS), str(tmp_path / "ta"))
+    for name, value in reference.items():
+        assert torch.equal(ours[name], value), name
+
+
+def test_safe_lora_projects_each_expert_on_the_lowest_cosine_layers(family, tmp_path):
+    from mergekit_safety.fusion.artifacts import open_artifact
+
+    mask = tmp_path / "cos.safetensors"
+    ours = _run("safe_lora", family, tmp_path, f"  top_k: 3\n  mask: {mask}\n", "top3")
+    plain = run_yaml(merge_yaml("task_arithmetic", family, EXPERTS), str(tmp_path / "ta"))
+    base, unaligned = load_state(family["base"]), load_state(family["unaligned"])
+    experts = [load_state(family[e]) for e in EXPERTS]
+    changed = {n for n in plain if not torch.equal(ours[n], plain[n])}
+    artifact = open_artifact(str(mask))
+    expected_layers = set()
+    for index in range(2):
+        cosines = {k.split("/", 1)[1]: float(artifact.get(k)[0]) for k in artifact.keys() if k.startswith(f"cosine@{index}/")}
+        expected_layers |= set(sorted(cosines, key=lambda n: (cosines[n], n))[:3])
+    assert changed == expected_layers and 3 <= len(changed) <= 6
+    name = sorted(changed)[0]
+    alignment = (base[name] - unaligned[name]).double()
+    expected = base[name].double()
+    for weight, expert, index in zip(WEIGHTS, experts, range(2)):
+        tau = (expert[name] - base[name]).double()
+        cosine = float(artifact.get(f"cosine@{index}/{name}")[0])
+        lowest = sorted(float(artifact.get(k)[0]) for k in artifact.keys() if k.startswith(f"cosine@{index}/"))[:3]
+        expected = expected + weight * (projected(tau, alignment) if cosine <= lowest[-1] else tau)
+    assert torch.allclose(ours[name].double(), expected, atol=1e-5)
+
+
+def test_safemerge_blends_the_chosen_layers_towards_the_base(family, tmp_path):
+    ours = _run("safemerge", family, tmp_path, "  top_k: 2\n  blend: 0.25\n", "blend")
+    plain = run_yaml(merge_yaml("task_arithmetic", family, EXPERTS), str(tmp_path / "ta"))
+    base = load_state(family["base"])
+    changed = [n for n in plain if not torch.equal(ours[n], plain[n])]
+    assert len(changed) == 2
+    for name in changed:
+        assert torch.allclose(ours[name], 0.75 * plain[name] + 0.25 * base[name], atol=1e-6)
+    control = _run("safemerge", family, tmp_path, "  top_k: 2\n  blend: 0.25\n  control: random\n  control_seed: 5\n", "ctl")
+    assert len([n for n in plain if not torch.equal(control[n], plain[n])]) == 2
+
+
+def test_check_wants_a_matching_unaligned_model(family, tmp_path):
+    from mergekit_safety.plugin.checks import check_config_file
+
+    config = tmp_path / "c.yml"
+    config.write_text(merge_yaml("safe_lora", family, EXPERTS, f"  unaligned_model: {tmp_path / 'missing'}\n"))
+    assert any("missing" in p.message for p in check_config_file(str(config)))
