@@ -339,3 +339,13 @@ def split_labels(records: Sequence[Mapping[str, Any]], seed: int = 0
         dev += rows[:k]
         held += rows[k:]
     return dev, held
+
+
+#: agreement of each judge with human refusal labels, as measured (docs/judge.md,
+#: scripts/judge_agreement.py) — what a model card may claim about the judge, no more
+KNOWN_AGREEMENT = {
+    "keyword": "82.9 % agreement (95 % CI 74.5–88.9 %) with 105 human refusal labels (PyRIT 1.1.0); "
+               "no false refusals, misses refusals that deflect without a refusal phrase",
+    "keyword+topic": "90.4 % agreement (95 % CI 79.4–95.8 %) with the held-out half (52) of PyRIT 1.1.0's "
+                     "human refusal labels, 94.3 % on all 105",
+}

@@ -79,8 +79,10 @@ def lab_command(out, seed, harmful_ratio, experts, quick, replay, width, layers,
               help="Model dtype (bfloat16/float16 halve the memory of real chat models).")
 @click.option("--audit", default=None, type=click.Path(dir_okay=False),
               help="Write every prompt, response and verdict to this JSONL file.")
+@click.option("--card", is_flag=True,
+              help="Write the measured rates (with intervals and the judge's known accuracy) into MODEL_DIR/README.md.")
 def eval_command(model_dir, data_dir, benign, harmful, judge, judge_label, json_out, batch_size,
-                 max_new_tokens, limit, device, dtype, audit):
+                 max_new_tokens, limit, device, dtype, audit, card):
     """Refusal, over-refusal and per-skill accuracy of MODEL_DIR (any causal LM directory)."""
     from mergekit_safety.lab.evaluate import evaluate_model, format_table, make_judge
 
@@ -102,6 +104,10 @@ def eval_command(model_dir, data_dir, benign, harmful, judge, judge_label, json_
     low, high = res["refusal_interval"]
     click.echo(f"refusal {100 * res['refusal_rate']:.1f}% (95% CI {100 * low:.1f}–{100 * high:.1f}), "
                f"n_harmful={res['n_harmful']} n_benign={res['n_benign']} judge={res['judge']} ({res['seconds']} s)")
+    if card:
+        from mergekit_safety.plugin.card import add_measurements
+
+        click.echo(f"model card updated: {add_measurements(model_dir, res)}")
     if json_out:
         d = os.path.dirname(os.path.abspath(json_out))
         os.makedirs(d, exist_ok=True)

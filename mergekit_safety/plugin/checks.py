@@ -392,6 +392,22 @@ def check_config_file(path: str) -> List[Problem]:
 _checked_configs: Dict[int, Any] = {}
 
 
+def config_as_raw(config: Any) -> Dict[str, Any]:
+    """A MergeConfiguration as the YAML mapping it came from (``models:`` read back from the
+    modules/slices mergekit normalises it into while planning)."""
+    raw = config.model_dump(mode="json", exclude_none=True)
+    if not raw.get("models") and raw.get("modules"):
+        module = next(iter(raw["modules"].values()))
+        slices = module.get("slices") or []
+        if len(slices) == 1:
+            raw = {k: v for k, v in raw.items() if k != "modules"}
+            raw["models"] = [
+                {"model": s["model"], "parameters": s.get("parameters") or {}}
+                for s in slices[0].get("sources") or []
+            ]
+    return raw
+
+
 def pre_merge_check(config: Any) -> None:
     """The plan-time check, run by the plugin hook before mergekit's ``run_merge`` starts
     (entry point ``mergekit.pre_merge``): for this package's methods only."""
@@ -415,18 +431,7 @@ def check_at_plan_time(config: Any) -> None:
     if len(_checked_configs) > 64:  # a long-lived process merging many configs
         _checked_configs.clear()
     _checked_configs[key] = config
-    raw = config.model_dump(mode="json", exclude_none=True)
-    if not raw.get("models") and raw.get("modules"):
-        # mergekit has already normalised `models:` into modules/slices; read them back
-        module = next(iter(raw["modules"].values()))
-        slices = module.get("slices") or []
-        if len(slices) == 1:
-            raw = {k: v for k, v in raw.items() if k != "modules"}
-            raw["models"] = [
-                {"model": s["model"], "parameters": s.get("parameters") or {}}
-                for s in slices[0].get("sources") or []
-            ]
-    problems = check_config_data(raw)
+    problems = check_config_data(config_as_raw(config))
     for problem in problems:
         if problem.warning:
             logger.warning("merge config: %s", problem.message)

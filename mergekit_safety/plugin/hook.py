@@ -27,6 +27,9 @@ TARGET_MODULE = "mergekit.merge_methods"
 #: entry points called with the MergeConfiguration before ``mergekit.merge.run_merge`` does
 #: anything (mergekit resolves models and may query the hub before any method is asked)
 PRE_MERGE_GROUP = "mergekit.pre_merge"
+#: entry points called with (config, out_path, options) after ``run_merge`` wrote the model
+#: (e.g. a plugin's section of the model card)
+POST_MERGE_GROUP = "mergekit.post_merge"
 RUN_MERGE_MODULE = "mergekit.merge"
 _DISABLE_ALL = "MERGEKIT_PLUGINS_DISABLE"
 _DISABLE_THIS = "MERGEKIT_SAFETY_DISABLE"
@@ -186,22 +189,31 @@ def _enabled_entry_points(group: str) -> list:
 def run_pre_merge_checks(merge_config) -> None:
     """Call every enabled ``mergekit.pre_merge`` entry point with the config. A plugin that
     cannot be loaded warns; a check that fails raises (that is what it is for)."""
+    _run_group(PRE_MERGE_GROUP, merge_config)
+
+
+def run_post_merge(merge_config, out_path, options) -> None:
+    """Call every enabled ``mergekit.post_merge`` entry point after a merge was written."""
+    _run_group(POST_MERGE_GROUP, merge_config, out_path, options)
+
+
+def _run_group(group: str, *arguments) -> None:
     import warnings
 
     if _truthy(os.environ.get(_DISABLE_ALL)):
         return
-    for entry_point in _enabled_entry_points(PRE_MERGE_GROUP):
+    for entry_point in _enabled_entry_points(group):
         try:
             check = entry_point.load()
         except Exception as error:  # a broken plugin must never break mergekit itself
             warnings.warn(
-                f"mergekit plugin pre-merge check {entry_point.name!r} ({entry_point.value}) could "
+                f"mergekit plugin hook {entry_point.name!r} ({entry_point.value}, group {group}) could "
                 f"not be loaded and was skipped: {type(error).__name__}: {error}",
                 RuntimeWarning,
                 stacklevel=2,
             )
             continue
-        check(merge_config)
+        check(*arguments)
 
 
 def _wrap_run_merge(module) -> None:
@@ -212,9 +224,12 @@ def _wrap_run_merge(module) -> None:
         return
 
     @functools.wraps(original)
-    def run_merge(merge_config, *args, **kwargs):
+    def run_merge(merge_config, out_path, *args, **kwargs):
         run_pre_merge_checks(merge_config)
-        return original(merge_config, *args, **kwargs)
+        result = original(merge_config, out_path, *args, **kwargs)
+        options = kwargs.get("options", args[0] if args else None)
+        run_post_merge(merge_config, out_path, options)
+        return result
 
     run_merge._plugin_pre_merge = True
     module.run_merge = run_merge
