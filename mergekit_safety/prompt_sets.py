@@ -175,11 +175,9 @@ def cache_dir() -> Path:
 
 
 def sha256_file(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from mergekit_safety.engine.data import file_sha256
+
+    return file_sha256(path)
 
 
 def _offline_hint(pkg: WheelSource) -> str:

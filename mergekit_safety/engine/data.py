@@ -40,6 +40,7 @@ __all__ = [
     "collate",
     "batches",
     "file_hash",
+    "file_sha256",
     "records_hash",
 ]
 
@@ -253,6 +254,15 @@ def batches(
         raise ValueError("batch_size must be >= 1")
     for start in range(0, len(encoded), batch_size):
         yield collate(encoded[start:start + batch_size], pad_id, padding_side)
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """SHA-256 (hex) of a file's exact bytes (wheels, data files recorded in artifacts)."""
+    h = hashlib.sha256()
+    with open(os.fspath(path), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def file_hash(path: Union[str, os.PathLike]) -> str:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 
 from mergekit_safety.engine.checkpoint import safetensors_files
+from mergekit_safety.engine.data import file_sha256  # noqa: F401  (part of this module's API)
 
 FORMAT = "mergekit-safety/artifact"
 FORMAT_VERSION = 1
@@ -110,14 +111,6 @@ def model_fingerprint(model: Any) -> str:
 
 
 # --------------------------------------------------------------------------- data hashes
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- metadata

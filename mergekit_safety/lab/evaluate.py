@@ -146,13 +146,10 @@ def evaluate_model(
                  **({"correct": normalize(o) == normalize(r["answer"])} if "answer" in r else {})}
                 for r, o, ref in zip(b, b_out, b_ref)]
         rows += [{"set": "harmful", **r, "output": o, "refused": bool(ref)} for r, o, ref in zip(h, h_out, h_ref)]
-        folder = os.path.dirname(os.path.abspath(audit))
-        os.makedirs(folder, exist_ok=True)
-        temporary = f"{audit}.tmp{os.getpid()}"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(temporary, audit)
+        from mergekit_safety.engine.data import write_jsonl
+
+        os.makedirs(os.path.dirname(os.path.abspath(audit)), exist_ok=True)
+        write_jsonl(audit, rows)
         result["audit"] = os.fspath(audit)
     if manifest and manifest.get("expert_skills"):
         ex = [s for s in manifest["expert_skills"] if s in accuracy]

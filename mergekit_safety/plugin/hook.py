@@ -57,15 +57,9 @@ def load_plugins() -> list[str]:
 
     if _truthy(os.environ.get(_DISABLE_ALL)):
         return []
-    from importlib.metadata import entry_points
-
     state = _state()
     ran = []
-    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        distribution = getattr(entry_point, "dist", None)
-        dist_name = getattr(distribution, "name", "") or ""
-        if _truthy(os.environ.get(_DISABLE_THIS)) and dist_name.replace("_", "-") == _THIS_DISTRIBUTION:
-            continue
+    for entry_point in _enabled_entry_points(ENTRY_POINT_GROUP):
         key = (entry_point.name, entry_point.value)
         if key in state["loaded"]:
             continue

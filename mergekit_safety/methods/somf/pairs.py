@@ -123,14 +123,9 @@ class GenerationCache:
         return [self.done[p] for p in prompts]
 
 
-def _write_jsonl_atomic(path: str, records: Sequence[Mapping[str, Any]]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
+def _in(folder: str, name: str) -> str:
     os.makedirs(folder, exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
+    return os.path.join(folder, name)
 
 
 def build_pairs(
@@ -153,8 +148,9 @@ def build_pairs(
 ) -> Dict[str, Any]:
     """Write ``out_dir/pairs.jsonl`` (and ``utility.jsonl`` with ``benign_prompts``); return a
     report with the counts. Raises :class:`PairsError` below :data:`MIN_PAIRS` pairs."""
+    from mergekit_safety.engine.data import file_sha256, write_jsonl
     from mergekit_safety.engine.generation import load_model
-    from mergekit_safety.fusion.artifacts import file_sha256, model_fingerprint
+    from mergekit_safety.fusion.artifacts import model_fingerprint
     from mergekit_safety.judge import make_judge
 
     started = time.time()
@@ -199,7 +195,7 @@ def build_pairs(
             f"{report['fusion_compliances']}); at least {MIN_PAIRS} are needed — give more prompts, or "
             "check that the base model is the aligned one"
         )
-    _write_jsonl_atomic(os.path.join(out_dir, "pairs.jsonl"), pairs)
+    write_jsonl(_in(out_dir, "pairs.jsonl"), pairs)
 
     if benign_prompts:
         benign = read_prompts(benign_prompts, max_prompts)
@@ -210,7 +206,7 @@ def build_pairs(
         utility = [{"prompt": p, "response": a} for p, a, r in zip(benign_texts, answers, flags) if a.strip() and not r]
         if not utility:
             raise PairsError(f"{benign_prompts}: the unmasked fusion refused or left empty every benign prompt")
-        _write_jsonl_atomic(os.path.join(out_dir, "utility.jsonl"), utility)
+        write_jsonl(_in(out_dir, "utility.jsonl"), utility)
         report.update(benign_prompts=len(benign_texts), utility_records=len(utility),
                       benign_prompts_sha256=file_sha256(benign_prompts))
     report["seconds"] = round(time.time() - started, 1)
