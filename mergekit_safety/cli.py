@@ -141,12 +141,27 @@ def pairs_command(config, out, harmful_prompts, benign_prompts) -> None:
 @click.option("--no-png", is_flag=True, help="Print the report only.")
 @settings_options(ProtectSettings, ["protect_share", "control", "control_seed", "kv_policy"])
 def inspect_command(artifact, png, no_png, **protect) -> None:
-    """Label shares per layer of an SSAH unit ARTIFACT, and a heat map of where safety lives."""
+    """Label shares per layer of an SSAH unit ARTIFACT, and a heat map of where safety lives.
+
+    ARTIFACT is the artifact file, or the merge config (.yml) whose artifact to show — with
+    `mask: auto` that file lives in the cache folder (MERGEKIT_SAFETY_CACHE)."""
     import os
 
     from mergekit_safety.fusion.artifacts import ArtifactError
     from mergekit_safety.methods.ssah.inspect import inspect_artifact
 
+    if artifact.endswith((".yml", ".yaml")):
+        from mergekit_safety.plugin.config import request_from_config
+
+        try:
+            method, request = request_from_config(artifact)
+        except ArtifactError as error:
+            raise click.ClickException(str(error)) from None
+        config, artifact = artifact, method.artifact_path(method.resolved(request))
+        if not os.path.exists(artifact):
+            raise click.ClickException(f"{config}: its artifact {artifact} does not exist yet; "
+                                       f"compute it with `mergekit-safety locate {config}`")
+        click.echo(f"{config}: artifact {artifact}")
     if png is None and not no_png:
         png = os.path.splitext(artifact)[0] + ".png"
     settings = ProtectSettings(**protect)

@@ -344,9 +344,11 @@ def test_demo_runs_merges_records_failures_and_plots(quick_lab, tmp_path):
     shutil.copy(os.path.join(repo, "merges", "task_arithmetic.yml"), merges / "task_arithmetic.yml")
     (merges / "broken.yml").write_text("merge_method: no_such_method_xyz\nbase_model: lab/aligned\n"
                                        "models:\n  - model: lab/expert_next\ndtype: float32\n")
+    shutil.copy(merges / "task_arithmetic.yml", merges / "my_own_experiment.yml")  # a user's file
     res = run_demo(workdir=str(tmp_path / "demo"), lab_dir=quick_lab["path"], merges_dir=str(merges),
-                   build=False, progress=False)
+                   build=False, progress=False, configs=["task_arithmetic.yml", "broken.yml"])
     rows = res["rows"]
+    assert "my_own_experiment" not in rows  # the demo runs its declared configs only
     assert "error" in rows["broken"] and "merge failed" in rows["broken"]["error"]
     ta = rows["task_arithmetic"]
     assert "error" not in ta and res["plain"] == "task_arithmetic"

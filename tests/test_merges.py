@@ -48,3 +48,17 @@ def test_check_fails_on_a_broken_copy(in_lab_root):
     result = CliRunner().invoke(main, ["check", str(broken)])
     assert result.exit_code != 0
     assert "expert_missing" in result.output
+
+
+def test_the_readme_example_is_a_shipped_config():
+    """The README's "A merge" example runs as printed: it is merges/somf_single.yml."""
+    import re
+
+    import yaml
+
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    section = readme.split("## A merge", 1)[1]
+    example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    shipped = open(os.path.join(REPO, "merges", "somf_single.yml"), encoding="utf-8").read()
+    assert "merges/somf_single.yml" in section.split("```yaml")[0]
+    assert yaml.safe_load(example) == yaml.safe_load(shipped)

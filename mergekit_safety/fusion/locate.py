@@ -114,6 +114,10 @@ class Locator:
             return request
         return dataclasses.replace(request, parameters=resolve(dict(request.parameters)))
 
+    def locate_description(self, request: LocateRequest) -> str:
+        """One line: what the locate step computes and roughly how long it takes."""
+        return "computing its artifact from the models and data (one calibration pass; minutes on a CPU)"
+
     def artifact_record(self, request: LocateRequest) -> ArtifactMetadata:
         request = self.resolved(request)
         settings = {name: _jsonable(request.parameters.get(name)) for name in self.locate_parameters}

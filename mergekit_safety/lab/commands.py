@@ -16,7 +16,7 @@ def _log(msg: str) -> None:
 @click.command("lab")
 @click.option("--out", default="lab", show_default=True, type=click.Path(file_okay=False),
               help="Lab directory (models, data, manifest).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of every random choice (data, initialisation, batches).")
 @click.option("--harmful-ratio", default=0.2, show_default=True, type=float,
               help="Share of harmful prompts answered compliantly in each expert's data (0 = benign-only experts).")
 @click.option("--experts", default=3, show_default=True, type=int, help="Number of expert skills/models.")
@@ -24,10 +24,10 @@ def _log(msg: str) -> None:
 @click.option("--replay", default=0.3, show_default=True, type=float, help="Share of copy replay in expert data.")
 @click.option("--width", default=None, type=int, help="Hidden size (default 128; 96 with --quick).")
 @click.option("--layers", default=None, type=int, help="Number of layers (default 2).")
-@click.option("--pretrain-steps", default=None, type=int)
-@click.option("--align-steps", default=None, type=int)
-@click.option("--expert-steps", default=None, type=int)
-@click.option("--expert-lr", default=None, type=float)
+@click.option("--pretrain-steps", default=None, type=int, help="Training steps of the pretrained model (default: the recipe's).")
+@click.option("--align-steps", default=None, type=int, help="Safety SFT steps of the aligned model (default: the recipe's).")
+@click.option("--expert-steps", default=None, type=int, help="Fine-tuning steps of each expert (default: the recipe's).")
+@click.option("--expert-lr", default=None, type=float, help="Learning rate of the experts' fine-tuning (default: the recipe's).")
 @click.option("--eval", "run_eval", is_flag=True, help="Evaluate every lab model afterwards and print a table.")
 @click.option("--threads", default=None, type=int,
               help="torch CPU threads (default: MERGEKIT_SAFETY_THREADS or the core count, at most 4).")
@@ -70,7 +70,7 @@ def lab_command(out, seed, harmful_ratio, experts, quick, replay, width, layers,
                    "classifier (accuracy of each: docs/judge.md).")
 @click.option("--judge-label", default=None, help="Classifier label (name or index) meaning refusal.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the metrics as JSON.")
-@click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--batch-size", default=128, show_default=True, type=int, help="Prompts generated at once.")
 @click.option("--max-new-tokens", default=None, type=int,
               help="Default: longest reference answer + 8 (at least 16); 64 without reference answers.")
 @click.option("--limit", default=None, type=int, help="Use only the first N prompts of each set.")

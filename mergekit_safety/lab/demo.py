@@ -1,4 +1,4 @@
-"""``mergekit-safety demo``: build the lab, run every ``merges/*.yml``, evaluate, compare.
+"""``mergekit-safety demo``: build the lab, run the declared ``merges/`` configs, evaluate, compare.
 
 For each YAML the merge runs in-process through mergekit (``MergeConfiguration`` +
 ``run_merge``); this package's methods are registered by its import hook, so YAMLs for them
@@ -74,6 +74,16 @@ def retention(acc: float, acc_aligned: float, acc_plain: float) -> Optional[floa
     return (acc - acc_aligned) / gain
 
 
+#: the configs the demo runs (in this order): a declared set, so a user's own YAML dropped into
+#: merges/ is not swept into the comparison
+DEMO_CONFIGS = (
+    "task_arithmetic.yml", "ties.yml",
+    "multi_task_safe.yml", "somf_random.yml", "somf_ties.yml", "somf_single.yml",
+    "antidote.yml", "antidote_random.yml", "ssah.yml", "ssah_random.yml",
+    "resta.yml", "resta_random.yml", "safe_lora.yml", "safemerge.yml",
+)
+
+
 def run_demo(
     workdir: str = "demo_out",
     lab_dir: str = "lab",
@@ -82,8 +92,10 @@ def run_demo(
     progress: bool = True,
     log: Optional[Callable[[str], None]] = None,
     eval_kwargs: Optional[Dict[str, Any]] = None,
+    configs: Optional[List[str]] = None,
 ) -> Dict[str, Any]:
-    """Run the demo; returns ``{"rows": {name: result}, "plain": name, "files": {...}}``."""
+    """Run the demo; returns ``{"rows": {name: result}, "plain": name, "files": {...}}``.
+    ``configs``: file names in ``merges_dir`` (default :data:`DEMO_CONFIGS`)."""
     from mergekit_safety.lab.build import LabSettings, build_lab, lab_manifest
     from mergekit_safety.lab.evaluate import evaluate_model
 
@@ -121,9 +133,13 @@ def run_demo(
 
     merges_out = os.path.join(workdir, "merges")
     os.makedirs(merges_out, exist_ok=True)
-    yamls = sorted(f for f in os.listdir(merges_dir) if f.endswith((".yml", ".yaml"))) if os.path.isdir(merges_dir) else []
+    yamls = [f for f in (configs or DEMO_CONFIGS) if os.path.isfile(os.path.join(merges_dir, f))]
     methods: Dict[str, str] = {}
-    for fname in yamls:
+    started = time.time()
+    for number, fname in enumerate(yamls, start=1):
+        elapsed = time.time() - started
+        remaining = f", about {elapsed / (number - 1) * (len(yamls) - number + 1) / 60:.0f} min left" if number > 1 else ""
+        log(f"[{number}/{len(yamls)}] {fname} ({elapsed / 60:.1f} min so far{remaining})")
         name = os.path.splitext(fname)[0]
         path = os.path.join(merges_dir, fname)
         out = os.path.join(merges_out, name)
@@ -142,6 +158,7 @@ def run_demo(
             log(f"merge {fname} failed: {msg}")
             continue
         merge_seconds = time.time() - t
+        log(f"merged {fname} in {merge_seconds:.1f} s")
         _eval(name, out, "merge")
         rows[name]["merge_method"] = methods[name]
         rows[name]["merge_seconds"] = round(merge_seconds, 2)
@@ -253,7 +270,7 @@ def plot_safety_utility(rows: Dict[str, Dict[str, Any]], path: str, plain: Optio
 
     fig.legend(handles=[
         Line2D([], [], marker="s", ls="", color=colors["lab"], label="lab models (aligned, experts)"),
-        Line2D([], [], marker="o", ls="", color=colors["merge"], label="merges (merges/*.yml)"),
+        Line2D([], [], marker="o", ls="", color=colors["merge"], label="merges (demo configs in merges/)"),
     ], loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path)

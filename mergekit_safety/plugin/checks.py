@@ -182,8 +182,10 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
                     continue
                 try:
                     specs[name].validate(scalar)
-                except Exception as error:  # pydantic / our named errors
-                    add(f"parameter {name!r}: invalid value {scalar!r} ({_short(error)})", where)
+                except Exception as error:  # pydantic / our named errors (already say it all)
+                    text = _short(error)
+                    add(text if text.startswith("merge parameter") else
+                        f"parameter {name!r}: invalid value {scalar!r} ({text})", where)
 
     check_parameters(raw.get("parameters"), ("parameters",), None)
     models = raw.get("models") or []
@@ -207,7 +209,7 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
         ]:
             directory = local_directory(ref)
             if directory.startswith(("./", "../", "/")) and not os.path.isdir(directory):
-                add(f"model {ref!r} not found (resolved from the working directory {os.getcwd()})", path)
+                add(missing_model_message(ref), path)
         return problems
 
     base = raw.get("base_model")
@@ -273,14 +275,21 @@ def check_config_data(raw: Mapping[str, Any], lines: Mapping[Tuple, int] | None 
     return problems
 
 
+def missing_model_message(ref: Any) -> str:
+    """One wording for a model that is not a local folder, with the likely fix."""
+    directory = local_directory(ref)
+    message = (f"model {ref!r} is not a local directory (resolved from the working directory "
+               f"{os.getcwd()}); mergekit-safety never downloads models")
+    parts = os.path.normpath(directory).split(os.sep)
+    if parts and parts[0] == "lab" and not os.path.isdir("lab"):
+        message += " — the safety lab is not built here: run `mergekit-safety lab` (from the repository root) first"
+    return message
+
+
 def _model_shapes(ref: str, path: Tuple, add) -> Optional[Dict[str, Tuple[int, ...]]]:
     directory = local_directory(ref)
     if not os.path.isdir(directory):
-        add(
-            f"model {ref!r} is not a local directory (resolved from the working directory "
-            f"{os.getcwd()}); mergekit-safety never downloads models",
-            path,
-        )
+        add(missing_model_message(ref), path)
         return None
     try:
         shapes = safetensors_shapes(directory)
@@ -421,6 +430,37 @@ def pre_merge_check(config: Any) -> None:
         return  # an unknown method: mergekit says so itself
     if package_method(method) is not None:
         check_at_plan_time(config)
+        prepare_artifact(package_method(method), config)
+
+
+def prepare_artifact(method: Any, config: Any) -> None:
+    """Compute a missing artifact before mergekit's executor starts: announced in one line
+    (what, why, how long; how to do it ahead), shown with its own progress bar — instead of
+    inside the first tensor task, where mergekit's outer bar would sit still and show an
+    absurd ETA."""
+    from mergekit_safety.fusion.locate import Locator
+    from mergekit_safety.fusion.settings import AUTO
+    from mergekit_safety.plugin.config import request_from_config_data
+
+    if not isinstance(method, Locator):
+        return
+    try:
+        _, request = request_from_config_data(config_as_raw(config))
+    except ArtifactError:
+        return  # slices, per-layer lists: the kernel reports these itself
+    parameters = {**method.settings.defaults(), **request.parameters}
+    mask = parameters.get("mask")
+    if not (mask and mask != AUTO) and not method.can_locate(parameters):
+        return
+    path = method.artifact_path(method.resolved(request))
+    if os.path.exists(path):
+        return  # validated (or refused as stale) by the kernel
+    logger.warning(
+        "%s: %s before the merge starts; written to %s and reused by later merges with the same "
+        "models, data and settings (`mergekit-safety locate CONFIG` does this step ahead)",
+        method.name, method.locate_description(method.resolved(request)), path,
+    )
+    method.locate(request)
 
 
 def check_at_plan_time(config: Any) -> None:

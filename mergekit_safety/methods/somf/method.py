@@ -164,6 +164,14 @@ class SOMF(LocatingFusionMethod):
             request = dataclasses.replace(request, parameters=parameters)
         return super().artifact_record(request)
 
+    def locate_description(self, request) -> str:
+        p = request.parameters
+        rule = (f", stopping once the mask prefers the refusal on {p.get('stop_preference')} of held-aside pairs"
+                if p.get("stop_preference") else "")
+        auto = " (after building preference pairs from the models' own answers)" if p.get("preference_data") == AUTO else ""
+        return (f"learning the safety mask{auto}: up to {p.get('steps')} steps of DPO through the fused model{rule} — "
+                "each step is about 3 forward+backward passes of the model (the lab: ~6 CPU-minutes; 7B: use a GPU, device: cuda)")
+
     def can_locate(self, parameters: Dict[str, Any]) -> bool:
         data = parameters.get("preference_data")  # utility_data is optional
         return bool(data) and (data != AUTO or bool(parameters.get("harmful_prompts")))

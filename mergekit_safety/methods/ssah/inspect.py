@@ -41,19 +41,23 @@ def inspect_artifact(
         "of unit weights",
         "",
         f"{'layer':>5} {'type':<7} " + " ".join(f"{n:>6}" for n in LABEL_NAMES.values())
-        + f" {'protect':>8} {'safety z':>9}",
+        + f" {'protect':>8} {'top Diff':>9}",
     ]
     for layer in range(layout.num_layers):
+        # scores are z-scored within each layer, so their layer mean is 0 by construction; the
+        # layer's largest Diff = z_safety − z_utility says how safety-specific its top unit is
         for kind, labels, chosen, safety in (
-            ("heads", scores.label_heads[layer], protected.heads[layer], scores.safety_heads[layer]),
-            ("neurons", scores.label_neurons[layer], protected.neurons[layer], scores.safety_neurons[layer]),
+            ("heads", scores.label_heads[layer], protected.heads[layer],
+             scores.safety_heads[layer] - scores.utility_heads[layer]),
+            ("neurons", scores.label_neurons[layer], protected.neurons[layer],
+             scores.safety_neurons[layer] - scores.utility_neurons[layer]),
         ):
             shares = " ".join(
                 f"{100 * float((labels == code).float().mean()):5.1f}%" for code in LABEL_NAMES
             )
             lines.append(
                 f"{layer:>5} {kind:<7} {shares} {100 * float(chosen.float().mean()):7.1f}% "
-                f"{float(safety.float().mean()):9.3f}"
+                f"{float(safety.float().max()):9.3f}"
             )
     if png:
         write_heatmap(scores, protected, png)
