@@ -135,6 +135,37 @@ def pairs_command(config, out, harmful_prompts, benign_prompts) -> None:
     )
 
 
+@main.command("sweep")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--vary", "vary", multiple=True, required=True,
+              help="NAME=v1,v2,… — a parameter of the config's method (or weight/density for every model); repeat for a grid.")
+@click.option("--out", default="out/sweep", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for results.json/.csv/.md, frontier.png and the resumable results.jsonl.")
+@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
+              help="Evaluation data folder (eval_benign.jsonl, eval_harmful.jsonl; default ./lab/data).")
+@click.option("--benign", default=None, type=click.Path(dir_okay=False), help="Benign prompts JSONL (overrides --data).")
+@click.option("--harmful", default=None, type=click.Path(dir_okay=False), help="Harmful prompts JSONL (overrides --data).")
+@click.option("--limit", default=None, type=int, help="Evaluate only the first N prompts of each set.")
+@click.option("--max-points", default=32, show_default=True, type=int, help="Largest grid run without --yes.")
+@click.option("--yes", is_flag=True, help="Run a grid larger than --max-points.")
+@click.option("--keep", is_flag=True, help="Keep the merged models (default: deleted after their evaluation).")
+def sweep_command(config, vary, out, data_dir, benign, harmful, limit, max_points, yes, keep) -> None:
+    """Merge and evaluate CONFIG over a grid of parameter values: the safety–utility frontier."""
+    import os
+
+    from mergekit_safety.sweep import SweepError, run_sweep
+
+    if data_dir is None and (benign is None or harmful is None):
+        data_dir = os.path.join("lab", "data")
+    try:
+        result = run_sweep(config, vary, out, eval_kwargs=dict(data_dir=data_dir, benign=benign, harmful=harmful, limit=limit),
+                           max_points=max_points, yes=yes, keep=keep, log=lambda m: click.echo(m, err=True))
+    except SweepError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(open(result["files"]["markdown"], encoding="utf-8").read())
+    click.echo("wrote " + ", ".join(result["files"].values()))
+
+
 @main.command("inspect")
 @click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
 @click.option("--png", default=None, help="Heat map PNG path (default: ARTIFACT with .png).")

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV="${VENV:-.venv}"
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+# one line per test file with its progress (not -q): a long file shows which one is running
+exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"

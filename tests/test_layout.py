@@ -22,6 +22,7 @@ LAYERS = [
     {"mergekit_safety.plugin"},
     # applications and kept public paths (re-exports of moved modules)
     {"mergekit_safety.cli", "mergekit_safety.cli_data", "mergekit_safety.lab", "mergekit_safety.testbed",
+     "mergekit_safety.sweep",
      "mergekit_safety._hook", "mergekit_safety.registration", "mergekit_safety.freezing"},
 ]
 #: library modules placed at the top level that belong to the engine layer
@@ -30,7 +31,7 @@ ENGINE_LEVEL = {"mergekit_safety.judge", "mergekit_safety.prompt_sets"}
 #: `models` merges base+adapter references with mergekit's own LoRA code)
 MERGEKIT_ALLOWED = ("mergekit_safety.plugin", "mergekit_safety.fusion.kernel", "mergekit_safety.fusion.models")
 #: applications: never imported by the library
-APPLICATIONS = ("mergekit_safety.lab", "mergekit_safety.testbed", "mergekit_safety.cli")
+APPLICATIONS = ("mergekit_safety.lab", "mergekit_safety.testbed", "mergekit_safety.cli", "mergekit_safety.sweep")
 
 
 def _modules() -> Dict[str, str]:
