@@ -118,7 +118,7 @@ def plain_config(raw: Dict[str, Any]) -> Dict[str, Any]:
     config = copy.deepcopy(raw)
     if method is None:
         return config  # a mergekit method: it is its own plain fusion
-    keep = {"backbone", "lambda", "normalize", "rescale", "int8_mask", "seed"}
+    keep = {"backbone", "lambda", "normalize", "rescale", "int8_mask", "seed", "ties_selection"}
     config["merge_method"] = "masked_fusion"
     config["parameters"] = {k: v for k, v in (raw.get("parameters") or {}).items() if k in keep}
     for model in config.get("models") or []:

@@ -234,3 +234,45 @@ def test_fuse_is_differentiable_in_the_mask():
     torch.testing.assert_close(logits.grad, expected)
     with torch.no_grad():  # and the fast path gives the same value
         torch.testing.assert_close(fuse(base, experts, masks=TensorMasks(keep=[keep.detach()] * 2)), fused.detach())
+
+
+# --------------------------------------------------------------------------- fast TIES selection
+
+
+def test_fast_ties_selection_differs_from_mergekit_only_among_ties_at_the_threshold():
+    from mergekit.sparsify import SparsificationMethod, sparsify
+
+    from mergekit_safety.fusion.kernel import magnitude_fast, top_k_mask
+
+    generator = torch.Generator().manual_seed(0)
+    for case in range(200):
+        shape = (int(torch.randint(1, 9, (1,), generator=generator)), int(torch.randint(1, 33, (1,), generator=generator)))
+        # few distinct magnitudes: many ties, also at the threshold
+        tensor = torch.randint(-3, 4, shape, generator=generator).float()
+        density = float(torch.rand(1, generator=generator)) * 0.9 + 0.05
+        ours = magnitude_fast(tensor, density)
+        theirs = sparsify(tensor, density=density, method=SparsificationMethod.magnitude)
+        k = max(1, int(density * tensor.numel()))
+        assert int((ours != 0).sum()) == int((theirs != 0).sum()) or (tensor == 0).any()
+        differ = (ours != theirs).reshape(-1)
+        if differ.any():
+            magnitudes = tensor.abs().reshape(-1)
+            threshold = torch.kthvalue(magnitudes, magnitudes.numel() - k + 1).values
+            assert bool((magnitudes[differ] == threshold).all()), case  # only ties at the threshold
+    # without ties both select the same entries
+    distinct = torch.randn(64, 48, generator=generator)
+    assert torch.equal(magnitude_fast(distinct, 0.3), sparsify(distinct, density=0.3, method=SparsificationMethod.magnitude))
+    mask = top_k_mask(torch.tensor([1.0, 2.0, 2.0, 2.0, 0.5]), 3)
+    assert mask.tolist() == [False, True, True, True, False]
+    mask = top_k_mask(torch.tensor([1.0, 2.0, 2.0, 2.0, 0.5]), 2)
+    assert mask.tolist() == [False, True, True, False, False]  # lowest indices among the ties
+
+
+def test_fast_ties_through_mergekit_yaml(family, tmp_path):
+    text = merge_yaml("masked_fusion", family, ["expert0", "expert1"], "  backbone: ties\n  ties_selection: fast\n",
+                      model_parameters="\n      density: 0.4")
+    fast = run_yaml(text, str(tmp_path / "fast"))
+    reference = run_yaml(merge_yaml("ties", family, ["expert0", "expert1"], model_parameters="\n      density: 0.4"),
+                         str(tmp_path / "ties"))
+    for name, value in reference.items():  # random float weights: no ties at the threshold
+        assert torch.equal(fast[name], value), name

@@ -80,6 +80,39 @@ class TensorMasks:
     add: Optional[torch.Tensor] = None
 
 
+def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest entries of a flat tensor by a k-th-value threshold
+    (linear time, no sort); among entries equal to the threshold, the lowest indices win."""
+    n = magnitudes.numel()
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=magnitudes.device)
+    threshold = torch.kthvalue(magnitudes, n - k + 1).values
+    mask = magnitudes > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        equal = (magnitudes == threshold).nonzero().view(-1)[:missing]
+        mask[equal] = True
+    return mask
+
+
+def magnitude_fast(tensor: torch.Tensor, density: float, rescale_norm=None) -> torch.Tensor:
+    """mergekit's magnitude sparsification (TIES) with a k-th-value selection instead of a full
+    argsort: the same ``k`` entries except, possibly, which of several equal magnitudes at the
+    threshold are kept (mergekit's argsort order among them is unspecified; here: lowest index)."""
+    from mergekit.sparsify import rescaled_masked_tensor
+
+    if density >= 1:
+        return tensor
+    if density <= 0 or tensor.numel() == 0:
+        return torch.zeros_like(tensor)
+    k = max(1, int(density * tensor.numel()))
+    magnitudes = tensor.abs().reshape(-1)
+    if magnitudes.device.type == "cpu":
+        magnitudes = magnitudes.float()
+    mask = top_k_mask(magnitudes, k).to(tensor.dtype).reshape_as(tensor)
+    return rescaled_masked_tensor(tensor, mask, rescale_norm)
+
+
 def fuse(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
@@ -92,6 +125,7 @@ def fuse(
     rescale: Optional[bool] = None,
     int8_mask: bool = False,
     masks: Optional[TensorMasks] = None,
+    ties_selection: str = "mergekit",
 ) -> torch.Tensor:
     """Fuse expert tensors with the aligned ``base`` through masked task vectors.
 
@@ -138,7 +172,9 @@ def fuse(
         project = masks.expert_project[index] if index < len(masks.expert_project) else None
         if project is not None:
             delta = project(delta)
-        if definition.sparsification is not None:
+        if definition.sparsification is SparsificationMethod.magnitude and ties_selection == "fast":
+            delta = magnitude_fast(delta, densities[index], RescaleNorm.l1 if rescale else None)
+        elif definition.sparsification is not None:
             delta = sparsify(
                 delta,
                 density=densities[index],

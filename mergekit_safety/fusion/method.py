@@ -180,6 +180,7 @@ class FusionMethod:
             normalize=parameters["normalize"],
             rescale=parameters["rescale"],
             int8_mask=parameters.get("int8_mask", False),
+            ties_selection=parameters.get("ties_selection", "mergekit"),
         )
 
     def merge(self, inputs: TensorInputs, parameters: Dict[str, Any]) -> torch.Tensor:

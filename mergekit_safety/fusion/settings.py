@@ -176,6 +176,12 @@ class FusionSettings(DeclaredSettings):
         None, "rescale sparsified task vectors to their L1 norm (default: as mergekit)", fusion=True
     )
     int8_mask: bool = setting(False, "store the TIES sign mask as int8")
+    ties_selection: Literal["mergekit", "fast"] = setting(
+        "mergekit",
+        "TIES top-k selection: mergekit (its argsort: bit-identical to mergekit's ties) or fast "
+        "(k-th-value threshold, several times faster; differs only among equal magnitudes at the threshold)",
+        fusion=True,
+    )
     seed: Optional[int] = setting(
         None, "seed for DARE's random drop (per tensor); empty = torch's global RNG", fusion=True
     )

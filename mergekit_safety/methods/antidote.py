@@ -63,7 +63,7 @@ ROW_BLOCK_ENTRIES = 1 << 22  # entries scored and sorted at once (≈ 100 MB of 
 DEFAULT_MODE = "reset"
 DEFAULT_APPLY_TO = "fusion"
 
-FUSION_SETTINGS = ("backbone", "lambda", "normalize", "rescale")
+FUSION_SETTINGS = ("backbone", "lambda", "normalize", "rescale", "ties_selection")
 
 
 def top_alpha_per_row(scores: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -320,6 +320,7 @@ class Antidote(LocatingFusionMethod):
             normalize=p.get("normalize"),
             rescale=p.get("rescale"),
             int8_mask=bool(p.get("int8_mask", False)),
+            ties_selection=p.get("ties_selection") or "mergekit",
         )
 
     @staticmethod

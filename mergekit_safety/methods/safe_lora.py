@@ -175,7 +175,8 @@ def fuse_arguments(request) -> Dict[str, Any]:
 
     return dict(backbone=p.get("backbone") or "task_arithmetic", weights=per_expert("weight", 1.0),
                 densities=per_expert("density", 1.0), lambda_=float(p.get("lambda", 1.0)),
-                normalize=p.get("normalize"), rescale=p.get("rescale"))
+                normalize=p.get("normalize"), rescale=p.get("rescale"),
+                ties_selection=p.get("ties_selection") or "mergekit")
 
 
 class SafeLoRA(ProjectionMethod):

@@ -208,7 +208,8 @@ class SOMF(LocatingFusionMethod):
             raise ArtifactError(f"{request.method}: utility_data: auto needs benign_prompts (a JSONL of prompts)")
         settings = SOMFSettings.from_request(dataclasses.replace(request, parameters={**p, "preference_data": p.get("preference_data") or AUTO}))
         fuse_kwargs = dict(backbone=settings.backbone, weights=list(settings.weights), densities=list(settings.densities),
-                           lambda_=settings.lambda_, normalize=settings.normalize, rescale=settings.rescale)
+                           lambda_=settings.lambda_, normalize=settings.normalize, rescale=settings.rescale,
+                           ties_selection=settings.ties_selection)
         identity = {
             "models": [model_fingerprint(base)] + [model_fingerprint(e) for e in experts],
             "fusion": {k: str(v) for k, v in fuse_kwargs.items()}, "seed": settings.dare_seed,

@@ -117,6 +117,7 @@ class FunctionalFusion:
             lambda_=settings.lambda_,
             normalize=settings.normalize,
             rescale=settings.rescale,
+            ties_selection=settings.ties_selection,
         )
         self.seed = settings.dare_seed
         try:
