@@ -282,6 +282,10 @@ def main() -> None:
             "merge",
             config_text("masked_fusion", paths, args.experts, f"  backbone: ties\n  mask: {mask}\n", density=True),
         ),
+        "masked_fusion ties fast": (
+            "merge",
+            config_text("masked_fusion", paths, args.experts, "  backbone: ties\n  ties_selection: fast\n", density=True),
+        ),
     }
     methods = write_method_artifacts(args.workdir, paths, args.experts, f"{args.size}-{args.experts}")
     for method, path in methods.items():
@@ -308,6 +312,7 @@ def main() -> None:
         ("ssah task_arithmetic + artifact", "mergekit task_arithmetic", 1.25),
         ("antidote task_arithmetic + artifact", "mergekit task_arithmetic", 1.25),
         ("masked_fusion ties + mask", "mergekit ties", 1.25),
+        ("masked_fusion ties fast", "mergekit ties", 0.33),
         ("masked_fusion task_arithmetic + mask", "io_floor", 1.5),
         ("mergekit task_arithmetic", "io_floor", None),
     ]
