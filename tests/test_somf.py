@@ -455,3 +455,18 @@ def test_presets_fill_only_what_is_left_empty(family, data, tmp_path):
     (tmp_path / "c.yml").write_text(text.replace("  steps: 2\n", "  steps: 2\n  preset: paper\n"))
     with pytest.raises(ArtifactError, match="setting init: 1.0 → 0.0"):
         locate_config(str(tmp_path / "c.yml"))
+
+
+@pytest.mark.parametrize("keep_rescale,normalize", [(False, False), (True, False), (False, True)])
+def test_training_shortcut_equals_the_exact_fusion(family, data, keep_rescale, normalize):
+    """Task arithmetic with one shared mask: m ⊙ Σ w_i τ_i (precomputed) = Σ w_i (m ⊙ τ_i)."""
+    settings = settings_for(family, data, modules="attention,mlp", keep_rescale=keep_rescale, normalize=normalize)
+    fusion = FunctionalFusion(family["base"], experts_of(family), settings, progress=False)
+    assert fusion.summed is not None
+    masks = fusion.sample_masks(torch.Generator().manual_seed(3))
+    fast = fusion.parameters_for(masks, exact=False)
+    exact = fusion.parameters_for(masks, exact=True)
+    for name in fusion.names:
+        assert torch.allclose(fast[name], exact[name], atol=1e-6, rtol=1e-5), name
+    ties = FunctionalFusion(family["base"], experts_of(family), settings_for(family, data, modules="attention", backbone="ties"), progress=False)
+    assert ties.summed is None  # selection per expert: no shortcut

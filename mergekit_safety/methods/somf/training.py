@@ -169,6 +169,7 @@ class FunctionalFusion:
             logger.info("somf: %d selected tensors have a zero task vector for every expert: not masked", len(skipped))
         self.names = sorted(self.base)
         self.skipped = skipped
+        self.summed = self._precompute_sums()
 
         self.model = self._load_unmasked(base_path, base, experts, config, progress)
         self.model.eval()
@@ -249,12 +250,52 @@ class FunctionalFusion:
 
     # ---- the function of the mask
 
+    def _precompute_sums(self) -> Optional[Dict[str, torch.Tensor]]:
+        """For linear backbones (task arithmetic, mean) one mask shared by every expert gives
+        Σ w_i (m ⊙ τ_i) = m ⊙ Σ w_i τ_i: the weighted sum of the task vectors is computed once,
+        and a training step fuses one tensor per masked weight instead of one per expert."""
+        from mergekit_safety.fusion.kernel import BACKBONES, Backbone
+
+        backbone = Backbone(self.fuse_kwargs["backbone"])
+        definition = BACKBONES[backbone]
+        if definition.sparsification is not None or definition.consensus:
+            return None  # TIES/DARE select per expert: no shortcut
+        weights = list(self.fuse_kwargs["weights"])
+        normalize = definition.default_normalize if self.fuse_kwargs["normalize"] is None else self.fuse_kwargs["normalize"]
+        scale = float(self.fuse_kwargs["lambda_"])
+        total = sum(weights)
+        if normalize and abs(total) >= 1e-8:
+            scale = scale / total
+        summed = {}
+        with torch.no_grad():
+            for name in self.names:
+                base = self.base[name]
+                acc = torch.zeros_like(base)
+                for weight, expert in zip(weights, self.experts[name]):
+                    acc.add_(expert - base, alpha=weight)
+                summed[name] = acc.mul_(scale)
+        return summed
+
     def fused_tensor(self, name: str, mask: torch.Tensor) -> torch.Tensor:
+        """The merge's exact arithmetic (:func:`fuse`): used for the merge-time mask."""
         masks = TensorMasks(keep=[mask] * len(self.experts[name]), keep_rescale=self.settings.keep_rescale)
         with seeded(self.seed, name):
             return fuse(self.base[name], self.experts[name], masks=masks, **self.fuse_kwargs)
 
-    def parameters_for(self, masks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def fused_tensor_fast(self, name: str, mask: torch.Tensor) -> torch.Tensor:
+        """Algebraically the same as :meth:`fused_tensor` for linear backbones (rounding aside),
+        one multiply per weight: what a training step uses."""
+        delta = self.summed[name] * mask
+        if self.settings.keep_rescale:
+            density = mask.float().mean()
+            delta = delta / density if density > 0 else torch.zeros_like(delta)
+        return self.base[name] + delta
+
+    def parameters_for(self, masks: Dict[str, torch.Tensor], exact: bool = True) -> Dict[str, torch.Tensor]:
+        """Fused weights for ``masks``: the merge's exact arithmetic, or (``exact=False``, in
+        training steps) the precomputed-sum form where the backbone allows it."""
+        if not exact and self.summed is not None:
+            return {name: self.fused_tensor_fast(name, masks[name]) for name in self.names}
         return {name: self.fused_tensor(name, masks[name]) for name in self.names}
 
     def sample_masks(self, generator: torch.Generator) -> Dict[str, torch.Tensor]:
@@ -455,7 +496,7 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
         b_ids, b_att, b_resp = _trim(ids[rows], att[rows], resp[rows])
 
         masks = fusion.sample_masks(generator)
-        params = fusion.parameters_for(masks)
+        params = fusion.parameters_for(masks, exact=False)
         logps = sequence_logps(fusion.forward(params, b_ids, b_att), b_ids, b_resp)
         loss_dpo, accuracy = dpo_loss(logps[:batch], logps[batch:], ref_chosen[index].to(logps.device), ref_rejected[index].to(logps.device), settings.beta)
         loss = loss_dpo
