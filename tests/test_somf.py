@@ -470,3 +470,13 @@ def test_training_shortcut_equals_the_exact_fusion(family, data, keep_rescale, n
         assert torch.allclose(fast[name], exact[name], atol=1e-6, rtol=1e-5), name
     ties = FunctionalFusion(family["base"], experts_of(family), settings_for(family, data, modules="attention", backbone="ties"), progress=False)
     assert ties.summed is None  # selection per expert: no shortcut
+
+
+def test_compact_logits_keep_every_sign():
+    from mergekit_safety.methods.somf.method import store_logits
+
+    logits = torch.tensor([3.0, -2.5, 1e-42, -1e-42, 0.0, 1e-39, 123456.0])
+    stored = store_logits(logits, torch.bfloat16)
+    assert stored.dtype == torch.bfloat16
+    assert torch.equal(stored.float() > 0, logits > 0) and torch.equal(stored.float() < 0, logits < 0)
+    assert torch.equal(store_logits(logits, torch.float32), logits)

@@ -107,6 +107,7 @@ class SOMFSettings(LocatingSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "model dtype during mask training (logits stay float32)")
     offload_folder: str = setting("", "train with the unmasked modules offloaded to this folder (accelerate); empty = all in memory")
     threads: NonNegativeInt = setting(0, "torch CPU threads during mask training (0 = torch's default; 1 is fastest for tiny models)")
+    logits_dtype: Literal["bfloat16", "float32"] = setting("bfloat16", "dtype of the stored logits: bfloat16 halves the artifact (and the merge's memory) and keeps every sign, so the binary mask is exact; float32 keeps σ(s) exact for mask_mode expected/sample", locate=True)
     # merge time
     mask_mode: Literal["binary", "expected", "sample"] = setting("binary", "merge-time mask: binary 1[s>0], expected σ(s), or sample (one seeded Bernoulli(σ(s)) draw, as the authors' code)")
     control: Literal["none", "random"] = setting("none", "random = equal-density random mask per tensor (control experiment)")
@@ -140,6 +141,17 @@ class SOMFSettings(LocatingSettings):
                 "pairs) is required to learn the mask"
             )
         return cls.model_validate(fields)
+
+
+def store_logits(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Logits in the artifact's dtype with every sign kept: values so small that bfloat16
+    would round them to 0 are moved to its smallest normal number (same sign), so the binary
+    merge-time mask 1[s > 0] is exactly the one training exported."""
+    if dtype == torch.float32:
+        return logits.float()
+    tiny = torch.finfo(dtype).tiny
+    nudged = torch.where(logits > 0, logits.clamp(min=tiny), torch.where(logits < 0, logits.clamp(max=-tiny), logits))
+    return nudged.to(dtype)
 
 
 class SOMF(LocatingFusionMethod):
@@ -187,7 +199,8 @@ class SOMF(LocatingFusionMethod):
             request, extra["auto_data"] = self.auto_data(request, base, experts)
         settings = SOMFSettings.from_request(request)
         logits, trained = train_mask(base, experts, settings)
-        tensors = {tensor_key(LOGITS_ROLE, name): value for name, value in logits.items()}
+        dtype = getattr(torch, settings.logits_dtype)
+        tensors = {tensor_key(LOGITS_ROLE, name): store_logits(value, dtype) for name, value in logits.items()}
         return tensors, {**trained, **extra}
 
     def auto_data(self, request, base: str, experts, out_dir: Optional[str] = None, progress: bool = True):
