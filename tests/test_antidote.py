@@ -330,3 +330,45 @@ def test_lora_expert_references_are_merged_once_and_scored(family, harmful, tmp_
         torch.where(artifact.get(tensor_key("keep", name, i)), e[name], base[name]) for i, e in enumerate(experts)
     ]
     assert torch.allclose(merged[name], fuse(base[name], pruned, weights=[0.5, 0.75]), atol=1e-6)
+
+
+def test_streamed_artifact_equals_the_in_memory_one_and_failures_leave_nothing(family, harmful, tmp_path):
+    from safetensors import safe_open
+
+    from mergekit_safety.fusion.artifacts import StreamingArtifactWriter, write_artifact
+    from mergekit_safety.methods.antidote import Antidote
+    from mergekit_safety.plugin.config import request_from_config
+
+    config = tmp_path / "c.yml"
+    streamed = tmp_path / "streamed.safetensors"
+    config.write_text(antidote_yaml(family, harmful, mask=str(streamed), apply_to="experts"))
+    method, request = request_from_config(str(config))
+    assert isinstance(method, Antidote) and method.artifact_layout(method.resolved(request)) is not None
+    method.locate(request)  # streamed
+    tensors, extra = method.compute_artifact(method.resolved(request))
+    record = method.artifact_record(request)
+    record.extra = {**record.extra, **extra}
+    in_memory = tmp_path / "memory.safetensors"
+    write_artifact(str(in_memory), tensors, record)
+    with safe_open(str(streamed), "pt") as a, safe_open(str(in_memory), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys()) and len(list(a.keys())) == len(tensors)
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+        meta_a, meta_b = a.metadata(), b.metadata()
+        assert {k: v for k, v in meta_a.items() if k != "extra"} == {k: v for k, v in meta_b.items() if k != "extra"}
+        extra_a, extra_b = json.loads(meta_a["extra"]), json.loads(meta_b["extra"])
+        assert {k: v for k, v in extra_a.items() if k != "seconds"} == {k: v for k, v in extra_b.items() if k != "seconds"}
+
+    # a failure half way leaves no file behind
+    target = tmp_path / "broken.safetensors"
+    layout = [("a", torch.bool, (2, 3)), ("b", torch.bool, (4,))]
+    with pytest.raises(RuntimeError, match="boom"):
+        with StreamingArtifactWriter(str(target), layout, record) as writer:
+            writer.write("a", torch.ones(2, 3, dtype=torch.bool))
+            raise RuntimeError("boom")
+    assert sorted(os.listdir(tmp_path)) == sorted(["c.yml", "streamed.safetensors", "memory.safetensors"] + [p for p in os.listdir(tmp_path) if p.endswith(".lock")])
+    with pytest.raises(ValueError, match="expected b torch.bool \\[4\\] next"):
+        with StreamingArtifactWriter(str(target), layout, record) as writer:
+            writer.write("a", torch.ones(2, 3, dtype=torch.bool))
+            writer.write("b", torch.ones(5, dtype=torch.bool))
+    assert not target.exists()

@@ -17,6 +17,7 @@ no pickle is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -223,6 +224,103 @@ def write_artifact(path: str, tensors: Mapping[str, Any], metadata: ArtifactMeta
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+_SAFETENSORS_DTYPES = {
+    "torch.bool": ("BOOL", 1), "torch.uint8": ("U8", 1), "torch.int8": ("I8", 1), "torch.int16": ("I16", 2),
+    "torch.int32": ("I32", 4), "torch.int64": ("I64", 8), "torch.float16": ("F16", 2),
+    "torch.bfloat16": ("BF16", 2), "torch.float32": ("F32", 4), "torch.float64": ("F64", 8),
+}
+
+
+class StreamingArtifactWriter:
+    """Writes an artifact tensor by tensor, so a large one never sits whole in memory.
+
+    The tensors' names, dtypes and shapes are declared up front (``layout``, in writing order),
+    which fixes every offset of the safetensors file; each tensor's bytes go to disk as soon as
+    it is written. The header — which also carries metadata known only at the end (``extra``)
+    — is written last, into space reserved at the start. Atomic like :func:`write_artifact`:
+    a temporary file in the destination folder, fsync, rename; nothing is left on failure.
+    """
+
+    #: header bytes reserved beyond the layout's own, for the metadata written at the end
+    RESERVE = 1 << 16
+
+    def __init__(self, path: str, layout: Sequence[tuple], metadata: ArtifactMetadata):
+        import math
+
+        self.path = os.path.abspath(path)
+        self.metadata = metadata
+        folder = os.path.dirname(self.path)
+        os.makedirs(folder, exist_ok=True)
+        self.entries = []
+        offset = 0
+        for key, dtype, shape in layout:
+            code, size = _SAFETENSORS_DTYPES[str(dtype)]
+            length = size * math.prod(shape)
+            self.entries.append((key, dtype, tuple(int(s) for s in shape), code, offset, offset + length))
+            offset += length
+        self.header_size = len(self._header({})) + self.RESERVE
+        self.header_size += (-self.header_size) % 8  # data starts 8-byte aligned
+        handle, self.temporary = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(self.path) + "-",
+                                                  suffix=".partial", dir=folder)
+        self.file = os.fdopen(handle, "wb")
+        self.file.seek(8 + self.header_size)
+        self.position = 0
+
+    def _header(self, extra: Mapping[str, Any]) -> bytes:
+        metadata = dataclasses.replace(self.metadata, extra={**self.metadata.extra, **extra})
+        header: Dict[str, Any] = {"__metadata__": metadata.to_strings()}
+        for key, _dtype, shape, code, start, end in self.entries:
+            header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [start, end]}
+        return json.dumps(header, separators=(",", ":")).encode()
+
+    def write(self, key: str, tensor) -> None:
+        expected_key, dtype, shape, _code, start, end = self.entries[self.position]
+        if key != expected_key or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{self.path}: expected {expected_key} {dtype} {list(shape)} next, got "
+                             f"{key} {tensor.dtype} {list(tensor.shape)}")
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch_uint8()).numpy().tobytes()
+        if len(data) != end - start:
+            raise ValueError(f"{self.path}: {key} has {len(data)} bytes, expected {end - start}")
+        self.file.write(data)
+        self.position += 1
+
+    def commit(self, extra: Optional[Mapping[str, Any]] = None) -> None:
+        if self.position != len(self.entries):
+            raise ValueError(f"{self.path}: {len(self.entries) - self.position} declared tensors were not written")
+        header = self._header(extra or {})
+        if len(header) > self.header_size:
+            raise ValueError(f"{self.path}: metadata larger than the reserved header ({len(header)} > {self.header_size})")
+        self.file.seek(0)
+        self.file.write(struct.pack("<Q", self.header_size))
+        self.file.write(header + b" " * (self.header_size - len(header)))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.temporary, 0o666 & ~umask)
+        os.replace(self.temporary, self.path)
+
+    def abort(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        if os.path.exists(self.temporary):
+            os.unlink(self.temporary)
+
+    def __enter__(self) -> "StreamingArtifactWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None or os.path.exists(self.temporary):
+            self.abort()
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
 
 
 # --------------------------------------------------------------------------- reading

@@ -203,10 +203,29 @@ class Locator:
                 self.check_current(path, record)
                 return path
             logger.info("%s: computing %s", request.method, path)
-            tensors, extra = self.compute_artifact(self.resolved(request))
-            record.extra = {**record.extra, **extra}
-            write_artifact(path, tensors, record)
+            resolved = self.resolved(request)
+            layout = self.artifact_layout(resolved)
+            if layout is not None:
+                # streamed: each tensor goes to disk as it is computed (peak memory: one tensor)
+                from mergekit_safety.fusion.artifacts import StreamingArtifactWriter
+
+                with StreamingArtifactWriter(path, layout, record) as writer:
+                    extra = self.stream_artifact(resolved, writer)
+                    writer.commit(extra)
+            else:
+                tensors, extra = self.compute_artifact(resolved)
+                record.extra = {**record.extra, **extra}
+                write_artifact(path, tensors, record)
         return path
+
+    def artifact_layout(self, request: LocateRequest):
+        """``[(key, dtype, shape), ...]`` in writing order when the artifact is streamed by
+        :meth:`stream_artifact`; None (default) for :meth:`compute_artifact`'s dict."""
+        return None
+
+    def stream_artifact(self, request: LocateRequest, writer) -> Dict[str, Any]:
+        """Write the tensors of :meth:`artifact_layout` in order; return the extra metadata."""
+        raise NotImplementedError
 
 
 _thread_locks: Dict[str, threading.Lock] = {}

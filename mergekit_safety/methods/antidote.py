@@ -197,7 +197,34 @@ class Antidote(LocatingFusionMethod):
         record.settings = {k: v for k, v in record.settings.items() if k not in drop}
         return record
 
+    @staticmethod
+    def _key(mode: str, name: str, index: Optional[int]) -> str:
+        if mode == "zero":
+            return tensor_key("zero", name, index)
+        return tensor_key("keep" if index is not None else "post_keep", name, index)
+
+    def artifact_layout(self, request: LocateRequest):
+        """Every mask's key, dtype (bool) and shape, known before any calibration: the artifact
+        is streamed to disk mask by mask (peak memory: one mask, not all of them)."""
+        from mergekit_safety.engine.calibration import linear_weight_names
+        from mergekit_safety.engine.checkpoint import header_shapes
+
+        p = request.parameters
+        base_dir = resolve_model(request.base)
+        names = linear_weight_names(base_dir, p["modules"])
+        shapes = header_shapes(base_dir)
+        targets = range(len(request.experts)) if p["apply_to"] == "experts" else [None]
+        return [(self._key(p["mode"], name, index), torch.bool, shapes[name]) for index in targets for name in names]
+
+    def stream_artifact(self, request: LocateRequest, writer) -> Dict[str, Any]:
+        return self._compute(request, writer.write)
+
     def compute_artifact(self, request: LocateRequest) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        tensors: Dict[str, torch.Tensor] = {}
+        extra = self._compute(request, tensors.__setitem__)
+        return tensors, extra
+
+    def _compute(self, request: LocateRequest, emit) -> Dict[str, Any]:
         from mergekit_safety.engine.calibration import (
             SafetensorsSource,
             collect_statistics,
@@ -252,7 +279,6 @@ class Antidote(LocatingFusionMethod):
             targets.append((None, fused, stats))
 
         names = linear_weight_names(base_dir, p["modules"])
-        tensors: Dict[str, torch.Tensor] = {}
         selected_total = 0
         entries_total = 0
         tokens = {}
@@ -273,11 +299,7 @@ class Antidote(LocatingFusionMethod):
                 selected = top_alpha_per_row_in_blocks(score_rows, weight.shape, alpha)
                 selected_total += int(selected.sum())
                 entries_total += selected.numel()
-                if mode == "zero":
-                    tensors[tensor_key("zero", name, index)] = selected
-                else:
-                    role = "keep" if index is not None else "post_keep"
-                    tensors[tensor_key(role, name, index)] = ~selected
+                emit(self._key(mode, name, index), selected if mode == "zero" else ~selected)
                 del weight, scored, score_rows, selected
                 # unmap what was read for this tensor: pages of memory-mapped shards count in
                 # the resident set until their handle closes (docs/performance_calibration.md)
@@ -297,7 +319,7 @@ class Antidote(LocatingFusionMethod):
             "antidote: %s/%s α=%s%s: %d entries selected in %d tensors",
             apply_to, mode, alpha, " (random control)" if random_control else "", selected_total, len(names),
         )
-        return tensors, extra
+        return extra
 
     # ---- the fused model the merge would produce without masks
 
