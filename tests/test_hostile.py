@@ -116,11 +116,13 @@ def tied_family(family, tmp_path_factory):
     return {**family, "expert0": path}
 
 
-@pytest.mark.parametrize("method", ["masked_fusion", "resta", "somf", "antidote", "ssah"])
+@pytest.mark.parametrize("method", ["masked_fusion", "resta", "somf", "antidote", "ssah", "safe_lora", "safemerge"])
 def test_an_expert_with_tied_embeddings_merges_like_mergekit(tied_family, data, tmp_path, method):
     extra = {
         "masked_fusion": "",
         "resta": f"  unaligned_model: {tied_family['expert1']}\n  gamma: 0.0\n",
+        "safe_lora": f"  unaligned_model: {tied_family['expert1']}\n  threshold: 0.0\n",
+        "safemerge": f"  unaligned_model: {tied_family['expert1']}\n  threshold: 0.0\n",
         "somf": f"  preference_data: {data['pairs']}\n  steps: 2\n  batch_size: 4\n  modules: attention\n",
         "antidote": f"  harmful_data: {data['harmful']}\n  alpha: 0.0\n",
         "ssah": f"  safety_data: {data['harmful']}\n  utility_data: {data['harmful']}\n  protect_share: 0.0\n",
@@ -326,6 +328,8 @@ NO_OP = {  # settings under which each method restores nothing: it must equal me
     "antidote": "  harmful_data: {harmful}\n  alpha: 0.0\n",
     "ssah": "  safety_data: {harmful}\n  utility_data: {harmful}\n  protect_share: 0.0\n",
     "somf": "  preference_data: {pairs}\n  steps: 2\n  batch_size: 4\n  modules: linear\n",
+    "safe_lora": "  unaligned_model: {expert1}\n  threshold: 0.0\n",
+    "safemerge": "  unaligned_model: {expert1}\n  threshold: 0.0\n",
 }
 
 
