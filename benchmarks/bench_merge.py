@@ -126,8 +126,6 @@ def write_method_artifacts(workdir: str, paths: dict, experts: int, tag: str) ->
     """
     import torch
 
-    from mergekit import merge_methods
-
     from mergekit_safety.fusion.artifacts import tensor_key, write_artifact
     from mergekit_safety.plugin.checks import safetensors_shapes
     from mergekit_safety.plugin.config import request_from_config
@@ -155,8 +153,8 @@ def write_method_artifacts(workdir: str, paths: dict, experts: int, tag: str) ->
     mask = os.path.join(workdir, f"bench-{tag}-somf.safetensors")
     path = config("somf", f"  preference_data: {data}\n  mask: {mask}\n")
     if not os.path.exists(mask):
-        _, request = request_from_config(path)
-        record = merge_methods.get("somf").artifact_record(request)
+        method, request = request_from_config(path)
+        record = method.artifact_record(request)
         logits = {tensor_key("logits", n): torch.randn(s, generator=generator) for n, s in linear.items()}
         write_artifact(mask, logits, record)
 
@@ -174,8 +172,8 @@ def write_method_artifacts(workdir: str, paths: dict, experts: int, tag: str) ->
     mask = os.path.join(workdir, f"bench-{tag}-antidote.safetensors")
     path = config("antidote", f"  harmful_data: {data}\n  mask: {mask}\n")
     if not os.path.exists(mask):
-        _, request = request_from_config(path)
-        record = merge_methods.get("antidote").artifact_record(request)
+        method, request = request_from_config(path)
+        record = method.artifact_record(request)
         keep = {
             tensor_key("post_keep", n): ~top_alpha_per_row(torch.rand(s, generator=generator), 0.05)
             for n, s in linear.items() if "lm_head" not in n
