@@ -160,7 +160,7 @@ def run_somf(spec: dict) -> dict:
         steps = []
         for step in range(spec["steps"] + 1):  # step 0 is a warm-up, not counted
             t0 = time.perf_counter()
-            params = fusion.parameters_for(fusion.sample_masks(generator))
+            params = fusion.parameters_for(fusion.sample_masks(generator), exact=False)  # the training path
             t1 = time.perf_counter()
             logps = sequence_logps(fusion.forward(params, ids, att), ids, resp)
             loss, _ = dpo_loss(logps[:n], logps[n:], reference[:n], reference[n:], settings.beta)
