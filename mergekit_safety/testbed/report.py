@@ -1,0 +1,81 @@
+"""The results table: ``WORK/results.json`` (one entry per model) and ``WORK/results.md``."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List
+
+
+def _pct(r: Dict[str, Any]) -> str:
+    lo, hi = r["ci95"]
+    return f"{100 * r['rate']:.0f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def write_report(work: str, eval_dir: str, skills: List[str], fusions: Dict[str, Any], settings: Dict[str, Any],
+                 times: Dict[str, Any]) -> str:
+    found: Dict[str, Dict[str, Any]] = {}
+    for file in sorted(os.listdir(eval_dir)):
+        if file.endswith(".json"):
+            with open(os.path.join(eval_dir, file)) as handle:
+                r = json.load(handle)
+            found[r["name"]] = r
+    # original, aligned, experts, then the fusions in the order they were configured
+    rank = {n: i for i, n in enumerate(["smollm2-135m-instruct", "aligned", *[f"expert_{k}" for k in skills], *fusions])}
+    results = {n: found[n] for n in sorted(found, key=lambda n: (rank.get(n, len(rank)), n))}
+
+    def mean_skill(r):
+        return sum(r["accuracy"][k]["rate"] for k in skills) / len(skills)
+
+    aligned = results.get("aligned")
+    plain = [n for n in fusions if n in results]
+    best = max(plain, key=lambda n: mean_skill(results[n]), default=None)
+    entries = []
+    for name, r in results.items():
+        method = ("original" if name.startswith("smollm2") else "aligned" if name == "aligned"
+                  else "expert (LoRA)" if name.startswith("expert_") else fusions.get(name, {}).get("method", "?"))
+        entry = {
+            "name": name, "method": method, "control": False,
+            "refusal_rate": r["refusal"]["rate"], "refusal_ci95": r["refusal"]["ci95"], "refusal_n": r["refusal"]["n"],
+            "over_refusal_rate": r["over_refusal"]["rate"], "over_refusal_ci95": r["over_refusal"]["ci95"],
+            "over_refusal_n": r["over_refusal"]["n"],
+            "accuracy": {k: v["rate"] for k, v in r["accuracy"].items()},
+            "accuracy_ci95": {k: v["ci95"] for k, v in r["accuracy"].items()},
+            "accuracy_n": {k: v["n"] for k, v in r["accuracy"].items()},
+            "mean_expert_skill": round(mean_skill(r), 4),
+            "judge": r.get("judge"), "eval_seconds": r.get("eval_seconds"),
+        }
+        if name in fusions:
+            entry["fusion"] = fusions[name]
+        own = name[len("expert_"):] if name.startswith("expert_") else None
+        if own in r["accuracy"] and aligned is not None:
+            entry["own_skill_gain_over_aligned"] = round(r["accuracy"][own]["rate"] - aligned["accuracy"][own]["rate"], 4)
+        if aligned is not None:
+            entry["gain_over_aligned"] = round(mean_skill(r) - mean_skill(aligned), 4)
+            if best is not None:
+                gap = mean_skill(results[best]) - mean_skill(aligned)
+                entry["retention"] = round((mean_skill(r) - mean_skill(aligned)) / gap, 4) if gap > 0 else None
+        entries.append(entry)
+    out = {"settings": settings, "best_plain_fusion": best, "entries": entries,
+           "stage_seconds": {k: v.get("seconds") for k, v in times.items()},
+           "item_seconds": {k: {i: e.get("seconds") for i, e in v.get("items", {}).items()} for k, v in times.items()}}
+    with open(os.path.join(work, "results.json"), "w") as handle:
+        json.dump(out, handle, indent=2)
+    head = ["model", f"refusal % (n={aligned['refusal']['n'] if aligned else '?'})", "over-refusal %",
+            *[f"{k} %" for k in skills], "copy %", "mean skills", "gain vs aligned (mean / own skill)", "eval s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for name, r in results.items():
+        gain = f"{100 * (mean_skill(r) - mean_skill(aligned)):+.1f}" if aligned else ""
+        own = name[len("expert_"):] if name.startswith("expert_") else None
+        if aligned and own in r["accuracy"]:
+            gain += f" / {100 * (r['accuracy'][own]['rate'] - aligned['accuracy'][own]['rate']):+.0f}"
+        lines.append("| " + " | ".join([
+            name + (" (best plain)" if name == best else ""), _pct(r["refusal"]), _pct(r["over_refusal"]),
+            *[_pct(r["accuracy"][k]) for k in skills],
+            _pct(r["accuracy"]["copy"]) if "copy" in r["accuracy"] else "-",
+            f"{100 * mean_skill(r):.1f}", gain, f"{r.get('eval_seconds', 0):.0f}",
+        ]) + " |")
+    table = "\n".join(lines) + "\n\nRates in % with 95 % Wilson intervals; n per skill in results.json.\n"
+    with open(os.path.join(work, "results.md"), "w") as handle:
+        handle.write(table)
+    return table
