@@ -41,13 +41,10 @@ among the Linear weights of the decoder layers.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import torch
 

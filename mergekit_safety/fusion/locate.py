@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from mergekit_safety.fusion.artifacts import (
     ArtifactError,
@@ -52,6 +52,26 @@ class LocateRequest:
     expert_parameters: Mapping[Any, Mapping[str, Any]] = field(default_factory=dict)
     #: further model references named by parameters (e.g. ``unaligned_model``), by name
     models: Mapping[str, Any] = field(default_factory=dict)
+
+    def fuse_arguments(self) -> Dict[str, Any]:
+        """Keyword arguments of :func:`~mergekit_safety.fusion.kernel.fuse` for the merge's own
+        plain fusion (backbone settings, per-model weights and densities in expert order)."""
+        p = self.parameters
+
+        def per_expert(name: str, default: float) -> list:
+            values = [self.expert_parameters.get(e, {}).get(name) for e in self.experts]
+            return [default if value is None else float(value) for value in values]
+
+        return dict(
+            backbone=p.get("backbone") or "task_arithmetic",
+            weights=per_expert("weight", 1.0),
+            densities=per_expert("density", 1.0),
+            lambda_=float(p.get("lambda", 1.0)),
+            normalize=p.get("normalize"),
+            rescale=p.get("rescale"),
+            int8_mask=bool(p.get("int8_mask", False)),
+            ties_selection=p.get("ties_selection") or "mergekit",
+        )
 
     def model_path(self, model: Any) -> str:
         """Local directory of a plain model reference (LoRA references: see resolve_model)."""

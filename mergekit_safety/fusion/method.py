@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -369,10 +369,3 @@ def model_tensor(reference: Any, name: str, like: torch.Tensor, vocabulary: Opti
             f"has {list(like.shape)}"
         )
     return tensor.to(device=like.device, dtype=like.dtype)
-
-
-def per_expert(values: Sequence[Any], count: int) -> List[Any]:
-    """A per-model parameter as a list of ``count`` values (a scalar repeats)."""
-    if isinstance(values, (list, tuple)):
-        return list(values)
-    return [values] * count

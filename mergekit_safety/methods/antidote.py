@@ -272,7 +272,7 @@ class Antidote(LocatingFusionMethod):
                     stats = collect_statistics(directory, description=f"antidote: expert {index}", **calibration)
                 targets.append((index, source, stats))
         else:
-            fused = FusedSource(base, experts, self._fuse_kwargs(request), seed=self._fusion_seed(request))
+            fused = FusedSource(base, experts, request.fuse_arguments(), seed=self._fusion_seed(request))
             stats = None
             if not random_control:
                 stats = collect_statistics(base_dir, weights=fused, description="antidote: fused model", **calibration)
@@ -322,28 +322,6 @@ class Antidote(LocatingFusionMethod):
         return extra
 
     # ---- the fused model the merge would produce without masks
-
-    @staticmethod
-    def _fuse_kwargs(request: LocateRequest) -> Dict[str, Any]:
-        p = request.parameters
-
-        def per_expert(name: str, default: float) -> List[float]:
-            values = []
-            for expert in request.experts:
-                value = request.expert_parameters.get(expert, {}).get(name)
-                values.append(default if value is None else float(value))
-            return values
-
-        return dict(
-            backbone=p.get("backbone") or Backbone.task_arithmetic.value,
-            weights=per_expert("weight", 1.0),
-            densities=per_expert("density", 1.0),
-            lambda_=float(p.get("lambda", 1.0)),
-            normalize=p.get("normalize"),
-            rescale=p.get("rescale"),
-            int8_mask=bool(p.get("int8_mask", False)),
-            ties_selection=p.get("ties_selection") or "mergekit",
-        )
 
     @staticmethod
     def _fusion_seed(request: LocateRequest) -> Optional[int]:

@@ -22,7 +22,6 @@ at a time. ``control: random`` projects a seeded random set of the same number o
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, ClassVar, Dict, List, Literal, Optional, Tuple
 
 import torch
@@ -132,7 +131,7 @@ class ProjectionMethod(LocatingFusionMethod):
         base = SafetensorsSource(base_dir)
         unaligned = SafetensorsSource(resolve_model(p["unaligned_model"]))
         experts = [aligned(SafetensorsSource(resolve_model(e)), base) for e in request.experts]
-        fused = FusedSource(base, experts, fuse_arguments(request), seed=p.get("seed"))
+        fused = FusedSource(base, experts, request.fuse_arguments(), seed=p.get("seed"))
         tensors: Dict[str, torch.Tensor] = {}
         for name in candidate_names(base_dir, p["modules"]):
             theta_a = base.get(name).double()
@@ -163,20 +162,6 @@ class ProjectionMethod(LocatingFusionMethod):
             logger.info("%s: acting on %s of %d layers per expert, %d for the fusion", self.name,
                         [len(c) for c in found[0]], len(self.cosines(artifact, None)), len(found[1]))
         return found[0], found[1]
-
-
-def fuse_arguments(request) -> Dict[str, Any]:
-    """The merge's own fusion settings, from a locate request."""
-    p = request.parameters
-
-    def per_expert(name: str, default: float) -> List[float]:
-        return [float(request.expert_parameters.get(e, {}).get(name) if request.expert_parameters.get(e, {}).get(name) is not None else default)
-                for e in request.experts]
-
-    return dict(backbone=p.get("backbone") or "task_arithmetic", weights=per_expert("weight", 1.0),
-                densities=per_expert("density", 1.0), lambda_=float(p.get("lambda", 1.0)),
-                normalize=p.get("normalize"), rescale=p.get("rescale"),
-                ties_selection=p.get("ties_selection") or "mergekit")
 
 
 class SafeLoRA(ProjectionMethod):

@@ -306,9 +306,7 @@ def _check_files_and_artifact(method, raw: Mapping[str, Any], add) -> List[Probl
     from mergekit_safety.fusion.artifacts import open_artifact
     from mergekit_safety.fusion.locate import Locator
     from mergekit_safety.fusion.settings import AUTO
-    from mergekit_safety.plugin.config import request_from_config_data
-
-    from mergekit_safety.plugin.config import package_method
+    from mergekit_safety.plugin.config import package_method, request_from_config_data
 
     method = package_method(method)
     parameters = raw.get("parameters") or {}

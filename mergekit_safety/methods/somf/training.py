@@ -55,7 +55,7 @@ import torch
 
 from mergekit_safety.engine.checkpoint import Checkpoint, CheckpointError
 from mergekit_safety.engine.modules import ModuleSelectionError, select
-from mergekit_safety.engine.seeding import seeded, tensor_seed  # noqa: F401  (tensor_seed: public)
+from mergekit_safety.engine.seeding import seeded
 from mergekit_safety.engine.tokenizer import TokenizerError, pad_id
 from mergekit_safety.engine.vocabulary import aligned
 from mergekit_safety.fusion.kernel import TensorMasks, fuse

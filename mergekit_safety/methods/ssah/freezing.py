@@ -34,7 +34,6 @@ frozen with ``requires_grad_(False)`` (restored by :meth:`FrozenUnits.remove`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass

@@ -49,21 +49,20 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+
 from mergekit_safety.fusion.artifacts import ArtifactError, open_artifact, tensor_key
 from mergekit_safety.fusion.kernel import TensorMasks
 from mergekit_safety.fusion.method import LocatingFusionMethod, TensorInputs
 from mergekit_safety.methods.ssah.config import (
-    CONTROLS,
     LabelSettings,
     ProtectSettings,
     ScoreSettings,
     SSAHSettings,
 )
 from mergekit_safety.methods.ssah.units import (
-    KV_POLICIES,
     UnitError,
     UnitLayout,
     UnitSet,
