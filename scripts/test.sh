@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All set-up on a fresh machine, then the test suite (2 CPU cores: about 11 minutes; one line per test file).
+# All set-up on a fresh machine, then the test suite (2 idle CPU cores: about 5 minutes; one line per test file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
