@@ -110,6 +110,10 @@ def test_config_only_auto_pairs_on_the_lab(quick_lab, tmp_path):
     assert report["pairs"] >= 8 and report["prompts"] == 48
     written = _lines(os.path.join(report["folder"], "pairs.jsonl"))
     assert all(r["chosen"] == REFUSAL and r["rejected"] != REFUSAL for r in written)
+    # the generations live in one shared cache (the aligned answers serve every fusion of it)
+    generations = sorted(os.listdir(tmp_path / "cache" / "pairs" / "generations"))
+    assert [g.split("-")[0] for g in generations] == ["aligned", "fusion"]
+    assert not os.path.exists(os.path.join(report["folder"], "generations"))
     # stale when the prompts change
     prompts.write_text(prompts.read_text() + json.dumps({"prompt": "another prompt"}) + "\n")
     with pytest.raises(ValueError, match="harmful_prompts changed"):

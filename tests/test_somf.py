@@ -365,6 +365,37 @@ def test_dpo_reference_options(family, data):
         settings_for(family, data, reference="random")
 
 
+def test_head_at_response_positions_equals_the_full_head(family, data):
+    """Training computes the output head only where a response token is predicted: the same
+    log-probs and utility KL as the full head, with or without the model's logits_to_keep."""
+    from mergekit_safety.methods.somf.training import (
+        encode_utility, load_tokenizer, response_positions, sequence_logps, utility_term)
+
+    tokenizer = load_tokenizer(family["base"])
+    ids, att, resp = encode_utility(data["utility"], tokenizer, 64)
+    fusion = FunctionalFusion(family["base"], experts_of(family), settings_for(family, data), progress=False)
+    params = fusion.parameters_for(fusion.sample_masks(torch.Generator().manual_seed(0)))
+    positions = response_positions(resp)
+    assert 0 < len(positions) < ids.shape[1] - 1
+    with torch.no_grad():
+        full_logits = fusion.forward(params, ids, att)
+        full = sequence_logps(full_logits, ids, resp)
+        reference = torch.log_softmax(fusion.forward(None, ids, att).float(), -1)
+        mask = resp[:, 1:].bool()
+        expected_kl = torch.nn.functional.kl_div(torch.log_softmax(full_logits[:, :-1].float(), -1)[mask],
+                                                 reference[:, :-1][mask], log_target=True, reduction="batchmean")
+        assert fusion._takes_logits_to_keep
+        for takes in (True, False):
+            fusion._logits_to_keep = takes
+            assert fusion.forward(params, ids, att, positions).shape[1] == len(positions)
+            torch.testing.assert_close(fusion.response_logps(params, ids, att, resp), full, rtol=1e-5, atol=1e-4)
+            computed = utility_term(fusion, params, ids, att, resp, "kl", None)
+            precomputed = utility_term(fusion, params, ids, att, resp, "kl", reference)
+            torch.testing.assert_close(computed, expected_kl, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(precomputed, expected_kl, rtol=1e-4, atol=1e-6)
+    assert float(expected_kl) > 0  # a sampled mask changes the model: the check compares something
+
+
 def test_chosen_nll_term_is_optimised(family, data):
     """`chosen_nll_weight` adds an NLL on the safe answers: recorded, and it changes the mask
     towards a higher likelihood of the refusals."""

@@ -1,6 +1,6 @@
 """``python -m mergekit_safety.testbed``: the staged, cached, resumable testbed command.
 
-Stages (in order): fetch, convert, data, align, experts, fuse, eval. Each stage has a stamp: the
+Stages (in order): fetch, convert, data, align, experts, fuse, eval, safety. Each stage has a stamp: the
 sha256 of its settings and of the stamp of the stage before it, so changing a setting redoes
 that stage and everything after it. Stages with several items (experts, fusions, evaluated
 models) stamp each item as it finishes, so an interrupted run resumes with the next item. Stamps
@@ -19,8 +19,9 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-STAGES = ("fetch", "convert", "data", "align", "experts", "fuse", "eval")
+STAGES = ("fetch", "convert", "data", "align", "experts", "fuse", "eval", "safety")
 RECIPE_VERSION = 1  # bump when a stage's code changes its outputs
+SAFETY_VERSION = 1  # the safety stage's own (bumping it redoes only that stage)
 
 DEFAULTS: Dict[str, Any] = {
     "seed": 0,
@@ -47,6 +48,15 @@ DEFAULTS: Dict[str, Any] = {
     # evaluation
     "max_new_tokens": 32,
     "eval_batch_size": 32,
+    # safety stage (calibration data only; the methods run with the package's defaults)
+    "safety_harmful": 256,
+    "safety_benign": 48,
+    "safety_weight": 1.0,
+    "safety_single": "json",
+    "safety_methods": "somf,somf_single,ssah,antidote,resta,safe_lora,safemerge",
+    # SOMF on a CPU: bf16 (an execution setting) and the batch/step budget of 2 cores (docs/testbed.md)
+    "safety_somf": "dtype=bfloat16,batch_size=8,steps=400,check_every=25",
+    "keep_merges": 0,
 }
 
 HELP = {
@@ -59,6 +69,13 @@ HELP = {
     "rank": "LoRA rank", "alpha": "LoRA alpha", "targets": "LoRA target modules",
     "fusions": "plain fusions, comma-separated method:weight[:density]",
     "max_new_tokens": "greedy tokens per evaluation answer",
+    "safety_harmful": "calibration harmful prompts the safety methods' data are built on",
+    "safety_benign": "calibration benign prompts per kind (each skill, copy, benign requests)",
+    "safety_weight": "weight of every expert in the safety merges (the best plain fusion's)",
+    "safety_single": "the expert of the single-expert SOMF merge",
+    "safety_methods": "safety merges to run (each with its random control)",
+    "keep_merges": "1 = keep the safety merges' model folders after their evaluation",
+    "safety_somf": "extra SOMF parameters, comma-separated key=value (everything else: the package's defaults)",
 }
 
 
@@ -184,6 +201,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "adapters": os.path.join(work, "adapters"),
         "fusions": os.path.join(work, "fusions"),
         "eval": os.path.join(work, "eval"),
+        "safety": os.path.join(work, "safety"),
     }
 
     # the stamp chain: each stage's digest covers its own settings and the previous digest
@@ -202,6 +220,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     chain["experts"] = digest("experts", chain["align"], chain["data"], {k: s[k] for k in train_keys}, s["expert_steps"])
     chain["fuse"] = digest("fuse", chain["experts"])
     chain["eval"] = digest("eval", chain["fuse"], s["max_new_tokens"])
+    safety_keys = ("safety_harmful", "safety_benign", "safety_weight", "safety_single", "max_new_tokens")
+    chain["safety"] = digest("safety", chain["eval"], SAFETY_VERSION, {k: s[k] for k in safety_keys})
 
     def stage(name: str, body: Callable[[str], None]) -> None:
         if name not in wanted:
@@ -227,8 +247,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         stamps.finish(name, max(0.0, own))
         log(f"[{name}] done in {time.time() - started:.0f} s (stage total {stamps.data[name]['seconds']} s)")
 
-    def item(stage_name: str, name: str, h: str, body: Callable[[], Dict[str, Any]], outputs: List[str]) -> None:
-        ih = digest(h, name)
+    def item(stage_name: str, name: str, h: str, body: Callable[[], Dict[str, Any]], outputs: List[str],
+             identity: Any = None) -> None:
+        ih = digest(h, name) if identity is None else digest(h, name, identity)  # identity: e.g. the item's config
         if stamps.item(stage_name, name, ih) and all(os.path.exists(p) for p in outputs):
             log(f"  {name}: cached")
             return
@@ -299,6 +320,29 @@ def main(argv: Optional[List[str]] = None) -> None:
     # ---------------------------------------------------------------- fusion
     fusions = parse_fusions(s["fusions"])
 
+    def run_logged(command: List[str], env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        """Run a child process with its output in the log; wall time and peak RSS."""
+        started = time.time()
+        with open(os.path.join(work, "log.txt"), "a") as handle:
+            handle.write("$ " + " ".join(command) + "\n")
+            handle.flush()
+            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "OMP_NUM_THREADS": str(args.threads), **(env or {})})
+            _, status, usage = os.wait4(process.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            raise RuntimeError(f"{' '.join(command)} failed with exit {code}; see {work}/log.txt")
+        return {"seconds": round(time.time() - started, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+
+    def merge(config: str, out: str, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        shutil.rmtree(out, ignore_errors=True)
+        command = [bin_path("mergekit-yaml"), config, out, "--lora-merge-cache", os.path.join(work, "lora_cache"),
+                   "--quiet", "--no-write-model-card"]
+        if args.device.startswith("cuda"):
+            command.append("--cuda")
+        result = run_logged(command, env)
+        return {"merge_seconds": result["seconds"], "peak_rss_mb": result["peak_rss_mb"]}
+
     def fusion_yaml(spec: Dict[str, Any]) -> str:
         lines = [f"merge_method: {spec['method']}", f"base_model: {paths['aligned']}", "dtype: float32", "models:"]
         for skill in expert_skills:
@@ -318,33 +362,37 @@ def main(argv: Optional[List[str]] = None) -> None:
             def body(name=name, spec=spec, out=out, config=config):
                 with open(config, "w") as handle:
                     handle.write(fusion_yaml(spec))
-                shutil.rmtree(out, ignore_errors=True)
-                command = [bin_path("mergekit-yaml"), config, out, "--lora-merge-cache", os.path.join(work, "lora_cache"),
-                           "--quiet", "--no-write-model-card"]
-                if args.device.startswith("cuda"):
-                    command.append("--cuda")
-                with open(os.path.join(work, "log.txt"), "a") as handle:
-                    handle.write("$ " + " ".join(command) + "\n")
-                    handle.flush()
-                    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
-                                               env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-                    _, status, usage = os.wait4(process.pid, 0)
-                code = os.waitstatus_to_exitcode(status)
-                if code != 0:
-                    raise RuntimeError(f"{' '.join(command)} failed with exit {code}; see {work}/log.txt")
-                return {"spec": spec, "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+                return {"spec": spec, **merge(config, out)}
 
             item("fuse", name, h, body, [os.path.join(out, "config.json")])
 
     # ---------------------------------------------------------------- evaluation
-    def do_eval(h):
+    def eval_data() -> Dict[str, Any]:
         from .data import read
-        from .evaluate import evaluate, load_model
-        from .report import write_report
 
         data = {n: read(paths["data"], n) for n in ("harmful_eval", "benign_eval")}
         for skill in expert_skills + ("copy",):
             data[f"skill_eval_{skill}"] = read(paths["data"], f"skill_eval_{skill}")
+        return data
+
+    def evaluate_model(name: str, model_path: str, adapter: Optional[str], data: Dict[str, Any],
+                       **extra: Any) -> Dict[str, Any]:
+        from .evaluate import evaluate, load_model
+
+        model, tokenizer = load_model(model_path, adapter, args.device)
+        result = evaluate(model, tokenizer, data, list(expert_skills) + ["copy"],
+                          os.path.join(paths["eval"], f"{name}.responses.jsonl"),
+                          max_new_tokens=s["max_new_tokens"], batch_size=s["eval_batch_size"], log=log)
+        result.update({"name": name, "model": model_path, "adapter": adapter, **extra})
+        with open(os.path.join(paths["eval"], f"{name}.json") + ".tmp", "w") as handle:
+            json.dump(result, handle, indent=2)
+        os.replace(os.path.join(paths["eval"], f"{name}.json") + ".tmp", os.path.join(paths["eval"], f"{name}.json"))
+        log(f"  {name}: refusal {result['refusal']['rate']}, over-refusal {result['over_refusal']['rate']}, "
+            f"accuracy {json.dumps({k: v['rate'] for k, v in result['accuracy'].items()})}")
+        return result
+
+    def do_eval(h):
+        data = eval_data()
         targets = {"smollm2-135m-instruct": (paths["original"], None), "aligned": (paths["aligned"], None)}
         targets.update({f"expert_{k}": (paths["aligned"], os.path.join(paths["adapters"], f"expert_{k}"))
                         for k in expert_skills})
@@ -356,20 +404,76 @@ def main(argv: Optional[List[str]] = None) -> None:
                 continue
             out = os.path.join(paths["eval"], f"{name}.json")
 
-            def body(name=name, model_path=model_path, adapter=adapter, out=out):
-                model, tokenizer = load_model(model_path, adapter, args.device)
-                result = evaluate(model, tokenizer, data, list(expert_skills) + ["copy"],
-                                  os.path.join(paths["eval"], f"{name}.responses.jsonl"),
-                                  max_new_tokens=s["max_new_tokens"], batch_size=s["eval_batch_size"], log=log)
-                result.update({"name": name, "model": model_path, "adapter": adapter})
-                with open(out, "w") as handle:
-                    json.dump(result, handle, indent=2)
-                log(f"  {name}: refusal {result['refusal']['rate']}, over-refusal {result['over_refusal']['rate']}, "
-                    f"accuracy {json.dumps({k: v['rate'] for k, v in result['accuracy'].items()})}")
+            def body(name=name, model_path=model_path, adapter=adapter):
+                evaluate_model(name, model_path, adapter, data)
                 return {}
 
             item("eval", name, h, body, [out])
 
+
+    # ---------------------------------------------------------------- safety methods
+    def do_safety(h):
+        from . import safety
+
+        folder = paths["safety"]
+        calibration = os.path.join(folder, "data")
+        os.makedirs(folder, exist_ok=True)
+        counts = safety.calibration_prompts(paths["data"], calibration, expert_skills, s["safety_harmful"], s["safety_benign"])
+        log(f"  safety calibration prompts: {json.dumps(counts)}")
+        env = {"MERGEKIT_SAFETY_CACHE": os.path.join(work, "cache")}
+        single = s["safety_single"]
+        if single not in expert_skills:
+            raise SystemExit(f"--safety-single {single!r} is not one of the experts {list(expert_skills)}")
+        specs = safety.specs(paths, expert_skills, single, safety.parse_parameters(s["safety_somf"]))
+        wanted_methods = {m.strip() for m in s["safety_methods"].split(",") if m.strip()}
+        specs = {n: sp for n, sp in specs.items()
+                 if n.removesuffix("_random") in wanted_methods
+                 or (n.removesuffix("_random").startswith("somf_single") and "somf_single" in wanted_methods)}
+        for name, spec in specs.items():
+            with open(os.path.join(folder, f"{name}.yml"), "w") as handle:
+                handle.write(safety.merge_yaml(spec, paths, expert_skills, s["safety_weight"]))
+        # the plain fusion again, timed in this run: the reference of the merge-time ratios
+        plain = os.path.join(folder, "plain_task_arithmetic.yml")
+        with open(plain, "w") as handle:
+            handle.write(safety.merge_yaml({"method": "task_arithmetic", "parameters": {}, "experts": "all"},
+                                           paths, expert_skills, s["safety_weight"]))
+
+        def reference_body():
+            out = os.path.join(folder, "plain_task_arithmetic")
+            timing = merge(plain, out, env)
+            shutil.rmtree(out, ignore_errors=True)
+            return timing
+
+        item("safety", "plain_task_arithmetic", h, reference_body, [])
+
+        def pairs_body():
+            result = run_logged([bin_path("mergekit-safety"), "pairs", os.path.join(folder, "somf.yml"),
+                                 "--out", os.path.join(folder, "pairs")], env)
+            with open(os.path.join(folder, "pairs", "pairs_report.json")) as handle:
+                report = json.load(handle)
+            log(f"  pairs: {json.dumps(report)}")
+            return {"peak_rss_mb": result["peak_rss_mb"], "report": report}
+
+        item("safety", "pairs", h, pairs_body, [os.path.join(folder, "pairs", "pairs.jsonl")])
+        log(f"  derived data: {json.dumps(safety.derived_data(os.path.join(folder, 'pairs'), calibration))}")
+        data = eval_data()
+        for name, spec in specs.items():
+            out = os.path.join(folder, name)
+
+            def body(name=name, spec=spec, out=out):
+                started = time.time()
+                timing = merge(os.path.join(folder, f"{name}.yml"), out, env)
+                artifacts = [{"path": p, "metadata": m} for p, m in safety.artifact_summary(os.path.join(work, "cache"), started)]
+                result = evaluate_model(name, out, None, data, method=spec["method"], control=spec["control"],
+                                        experts=spec["experts"], parameters=spec["parameters"], **timing,
+                                        artifacts=artifacts)
+                if not s["keep_merges"]:
+                    shutil.rmtree(out, ignore_errors=True)
+                return {"refusal": result["refusal"]["rate"], **timing}  # merge_seconds, peak_rss_mb
+
+            # --safety-somf changes only the SOMF items: it is part of their identity, not of the stage's
+            identity = safety.parse_parameters(s["safety_somf"]) if spec["method"] == "somf" else None
+            item("safety", name, h, body, [os.path.join(paths["eval"], f"{name}.json")], identity=identity)
 
     stage("fetch", do_fetch)
     stage("convert", do_convert)
@@ -378,7 +482,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     stage("experts", do_experts)
     stage("fuse", do_fuse)
     stage("eval", do_eval)
-    if "eval" in wanted and os.path.isdir(paths["eval"]):
+    stage("safety", do_safety)
+    if ("eval" in wanted or "safety" in wanted) and os.path.isdir(paths["eval"]):
         from .report import write_report
 
         table = write_report(work, paths["eval"], list(expert_skills), fusions, s, stamps.data)

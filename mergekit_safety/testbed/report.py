@@ -12,6 +12,13 @@ def _pct(r: Dict[str, Any]) -> str:
     return f"{100 * r['rate']:.0f} [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
+def _retention(entry: Dict[str, Any]) -> str:
+    value = entry.get("retention")
+    if value is None or entry["method"] in ("original", "aligned", "expert (LoRA)"):
+        return "-"
+    return f"{value:.2f}" + (f" ({entry['own_skill']})" if entry.get("own_skill") else "")
+
+
 def write_report(work: str, eval_dir: str, skills: List[str], fusions: Dict[str, Any], settings: Dict[str, Any],
                  times: Dict[str, Any]) -> str:
     found: Dict[str, Dict[str, Any]] = {}
@@ -33,9 +40,10 @@ def write_report(work: str, eval_dir: str, skills: List[str], fusions: Dict[str,
     entries = []
     for name, r in results.items():
         method = ("original" if name.startswith("smollm2") else "aligned" if name == "aligned"
-                  else "expert (LoRA)" if name.startswith("expert_") else fusions.get(name, {}).get("method", "?"))
+                  else "expert (LoRA)" if name.startswith("expert_")
+                  else r.get("method") or fusions.get(name, {}).get("method", "?"))
         entry = {
-            "name": name, "method": method, "control": False,
+            "name": name, "method": method, "control": bool(r.get("control", False)),
             "refusal_rate": r["refusal"]["rate"], "refusal_ci95": r["refusal"]["ci95"], "refusal_n": r["refusal"]["n"],
             "over_refusal_rate": r["over_refusal"]["rate"], "over_refusal_ci95": r["over_refusal"]["ci95"],
             "over_refusal_n": r["over_refusal"]["n"],
@@ -47,10 +55,25 @@ def write_report(work: str, eval_dir: str, skills: List[str], fusions: Dict[str,
         }
         if name in fusions:
             entry["fusion"] = fusions[name]
+        if "parameters" in r:  # a safety merge: its settings, experts, timing and artifacts
+            entry["settings"] = r["parameters"]
+            entry["experts"] = r.get("experts")
+            entry["merge_seconds"] = r.get("merge_seconds")
+            entry["peak_rss_mb"] = r.get("peak_rss_mb")
+            entry["artifacts"] = [{"file": os.path.basename(a["path"]), "metadata": a["metadata"]}
+                                  for a in r.get("artifacts", [])]
         own = name[len("expert_"):] if name.startswith("expert_") else None
         if own in r["accuracy"] and aligned is not None:
             entry["own_skill_gain_over_aligned"] = round(r["accuracy"][own]["rate"] - aligned["accuracy"][own]["rate"], 4)
-        if aligned is not None:
+        single = r.get("experts") if isinstance(r.get("experts"), str) and r.get("experts") != "all" else None
+        if single and aligned is not None and f"expert_{single}" in results:
+            # one expert: retention of its own skill, against the expert itself
+            expert = results[f"expert_{single}"]["accuracy"][single]["rate"]
+            base = aligned["accuracy"][single]["rate"]
+            entry["own_skill"] = single
+            entry["own_skill_share_of_expert"] = round(r["accuracy"][single]["rate"] / expert, 4) if expert else None
+            entry["retention"] = round((r["accuracy"][single]["rate"] - base) / (expert - base), 4) if expert > base else None
+        elif aligned is not None:
             entry["gain_over_aligned"] = round(mean_skill(r) - mean_skill(aligned), 4)
             if best is not None:
                 gap = mean_skill(results[best]) - mean_skill(aligned)
@@ -59,11 +82,13 @@ def write_report(work: str, eval_dir: str, skills: List[str], fusions: Dict[str,
     out = {"settings": settings, "best_plain_fusion": best, "entries": entries,
            "stage_seconds": {k: v.get("seconds") for k, v in times.items()},
            "item_seconds": {k: {i: e.get("seconds") for i, e in v.get("items", {}).items()} for k, v in times.items()}}
-    with open(os.path.join(work, "results.json"), "w") as handle:
+    with open(os.path.join(work, "results.json") + ".tmp", "w") as handle:
         json.dump(out, handle, indent=2)
+    os.replace(os.path.join(work, "results.json") + ".tmp", os.path.join(work, "results.json"))
     head = ["model", f"refusal % (n={aligned['refusal']['n'] if aligned else '?'})", "over-refusal %",
-            *[f"{k} %" for k in skills], "copy %", "mean skills", "gain vs aligned (mean / own skill)", "eval s"]
+            *[f"{k} %" for k in skills], "copy %", "mean skills", "gain vs aligned (mean / own skill)", "retention", "eval s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    by_name = {e["name"]: e for e in entries}
     for name, r in results.items():
         gain = f"{100 * (mean_skill(r) - mean_skill(aligned)):+.1f}" if aligned else ""
         own = name[len("expert_"):] if name.startswith("expert_") else None
@@ -73,7 +98,7 @@ def write_report(work: str, eval_dir: str, skills: List[str], fusions: Dict[str,
             name + (" (best plain)" if name == best else ""), _pct(r["refusal"]), _pct(r["over_refusal"]),
             *[_pct(r["accuracy"][k]) for k in skills],
             _pct(r["accuracy"]["copy"]) if "copy" in r["accuracy"] else "-",
-            f"{100 * mean_skill(r):.1f}", gain, f"{r.get('eval_seconds', 0):.0f}",
+            f"{100 * mean_skill(r):.1f}", gain, _retention(by_name[name]), f"{r.get('eval_seconds', 0):.0f}",
         ]) + " |")
     table = "\n".join(lines) + "\n\nRates in % with 95 % Wilson intervals; n per skill in results.json.\n"
     with open(os.path.join(work, "results.md"), "w") as handle:

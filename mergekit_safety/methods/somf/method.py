@@ -240,6 +240,9 @@ class SOMF(LocatingFusionMethod):
             base, experts, p.get("harmful_prompts"), out_dir, fuse_kwargs=fuse_kwargs, seed=settings.dare_seed,
             benign_prompts=p.get("benign_prompts", "") if p.get("utility_data") == AUTO else "",
             max_new_tokens=settings.pairs_max_new_tokens, device=settings.device, progress=progress,
+            # one generation cache for every pair folder: the aligned model's answers (keyed by its
+            # fingerprint) serve every fusion of it, and `pairs --out` shares them with a merge
+            cache_dir=os.path.join(cache_folder(), "pairs", "generations"),
         )
         if p.get("preference_data") == AUTO:
             p["preference_data"] = os.path.join(out_dir, "pairs.jsonl")

@@ -294,9 +294,10 @@ class FunctionalFusion:
     def parameters_for(self, masks: Dict[str, torch.Tensor], exact: bool = True) -> Dict[str, torch.Tensor]:
         """Fused weights for ``masks``: the merge's exact arithmetic, or (``exact=False``, in
         training steps) the precomputed-sum form where the backbone allows it."""
-        if not exact and self.summed is not None:
-            return {name: self.fused_tensor_fast(name, masks[name]) for name in self.names}
-        return {name: self.fused_tensor(name, masks[name]) for name in self.names}
+        fused = self.fused_tensor_fast if not exact and self.summed is not None else self.fused_tensor
+        # float32 masks promote a bfloat16/float16 weight: back to the model's dtype (the cast
+        # is differentiable, so the gradient still reaches the float32 logits)
+        return {name: fused(name, masks[name]).to(self.dtype) for name in self.names}
 
     def sample_masks(self, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         return {name: concrete_sample(self.logits[name], self.settings.temperature, generator) for name in self.names}
@@ -304,15 +305,39 @@ class FunctionalFusion:
     def fixed_masks(self, mode: str = "binary") -> Dict[str, torch.Tensor]:
         return {name: mask_from_logits(self.logits[name].detach(), mode).to(self.device) for name in self.names}
 
-    def forward(self, params: Optional[Dict[str, torch.Tensor]], input_ids, attention_mask) -> torch.Tensor:
-        """Logits of the fused model (``params`` None: the unmasked fusion itself)."""
-        input_ids = input_ids.to(self.device)
-        attention_mask = attention_mask.to(self.device)
+    def forward(self, params: Optional[Dict[str, torch.Tensor]], input_ids, attention_mask,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits of the fused model (``params`` None: the unmasked fusion itself); with
+        ``positions``, only at those sequence positions ([batch, len(positions), vocab]).
+
+        The output head is the costliest single matrix of a small chat model (SmolLM2-135M:
+        49152 × 576, a fifth of the forward's multiply-adds) and its log-softmax is the largest
+        tensor of a step; the losses need it only where a response token is predicted, so it
+        runs there only (transformers' ``logits_to_keep``, where the model takes it)."""
+        kwargs: Dict[str, Any] = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+        keep_in_model = positions is not None and self._takes_logits_to_keep
+        if keep_in_model:
+            kwargs["logits_to_keep"] = positions.to(self.device)
         if params is None:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return torch.func.functional_call(
-            self.model, params, args=(), kwargs={"input_ids": input_ids, "attention_mask": attention_mask}, strict=False
-        ).logits
+            logits = self.model(**kwargs).logits
+        else:
+            logits = torch.func.functional_call(self.model, params, args=(), kwargs=kwargs, strict=False).logits
+        if positions is not None and not keep_in_model:
+            logits = logits[:, positions.to(logits.device)]
+        return logits
+
+    @property
+    def _takes_logits_to_keep(self) -> bool:
+        if not hasattr(self, "_logits_to_keep"):
+            import inspect
+
+            self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        return self._logits_to_keep
+
+    def response_logps(self, params, ids, att, resp) -> torch.Tensor:
+        """Σ log p(response tokens) per sequence, the head computed at response positions only."""
+        positions = response_positions(resp)
+        return sequence_logps(self.forward(params, ids, att, positions), ids, resp, positions)
 
     def masked_elements(self) -> int:
         return sum(t.numel() for t in self.base.values())
@@ -392,11 +417,23 @@ def _trim(ids, att, resp):
     return ids[:, :t], att[:, :t], resp[:, :t]
 
 
-def sequence_logps(logits: torch.Tensor, ids: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
-    """Σ log p(token) over response tokens, per sequence (teacher forcing, right padding)."""
-    logits = logits[:, :-1].float()
-    target = ids[:, 1:].to(logits.device)
-    mask = resp[:, 1:].to(logits.device).float()
+def response_positions(resp: torch.Tensor) -> torch.Tensor:
+    """Positions p whose logits predict a response token (p + 1) in some row of the batch."""
+    return resp[:, 1:].bool().any(0).nonzero().squeeze(1)
+
+
+def sequence_logps(logits: torch.Tensor, ids: torch.Tensor, resp: torch.Tensor,
+                   positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Σ log p(token) over response tokens, per sequence (teacher forcing, right padding).
+    ``logits`` covers every position, or only ``positions`` (see FunctionalFusion.forward)."""
+    if positions is None:
+        logits = logits[:, :-1].float()
+        target = ids[:, 1:].to(logits.device)
+        mask = resp[:, 1:].to(logits.device).float()
+    else:
+        logits = logits.float()
+        target = ids[:, positions + 1].to(logits.device)
+        mask = resp[:, positions + 1].to(logits.device).float()
     token_logps = torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return (token_logps * mask).sum(-1)
 
@@ -497,7 +534,7 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
 
         masks = fusion.sample_masks(generator)
         params = fusion.parameters_for(masks, exact=False)
-        logps = sequence_logps(fusion.forward(params, b_ids, b_att), b_ids, b_resp)
+        logps = fusion.response_logps(params, b_ids, b_att, b_resp)
         loss_dpo, accuracy = dpo_loss(logps[:batch], logps[batch:], ref_chosen[index].to(logps.device), ref_rejected[index].to(logps.device), settings.beta)
         loss = loss_dpo
         record = {"step": step, "dpo": float(loss_dpo.detach()), "reward_accuracy": float(accuracy)}
@@ -587,7 +624,7 @@ class StoppingRule:
             index = self.held_index[start:start + self.batch]
             rows = torch.cat([index, index + n_pairs])
             b_ids, b_att, b_resp = _trim(ids[rows], att[rows], resp[rows])
-            logps = sequence_logps(fusion.forward(params, b_ids, b_att), b_ids, b_resp).cpu()
+            logps = fusion.response_logps(params, b_ids, b_att, b_resp).cpu()
             margins.append(logps[: len(index)] - logps[len(index):])
         margin = torch.cat(margins)
         record: Dict[str, Any] = {
@@ -641,17 +678,21 @@ def reference_logps(settings, base_path: str, ids, att, resp, batch: int, fusion
 
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, settings.dtype))
         model.to(settings.device).eval()
-        run = lambda i, a: model(input_ids=i.to(settings.device), attention_mask=a.to(settings.device)).logits
+
+        def run(i, a, r):
+            return sequence_logps(model(input_ids=i.to(settings.device), attention_mask=a.to(settings.device)).logits, i, r)
     elif settings.reference == "fusion":
         if fusion is None:
             raise SOMFTrainingError("somf: the fusion reference needs the functional fusion")
-        run = lambda i, a: fusion.forward(None, i, a)
+
+        def run(i, a, r):
+            return fusion.response_logps(None, i, a, r)
     else:
         raise SOMFTrainingError(f"somf: unknown reference {settings.reference!r} (fusion, aligned or none)")
     out = []
     for start in range(0, ids.shape[0], batch):
         b_ids, b_att, b_resp = _trim(ids[start:start + batch], att[start:start + batch], resp[start:start + batch])
-        out.append(sequence_logps(run(b_ids, b_att), b_ids, b_resp).cpu())
+        out.append(run(b_ids, b_att, b_resp).cpu())
     return torch.cat(out)
 
 
@@ -663,16 +704,19 @@ def mask_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def utility_term(fusion, params, ids, att, resp, kind: str, reference: Optional[torch.Tensor]) -> torch.Tensor:
     """Mean per-token KL(unmasked fusion ‖ masked fusion) or CE on the response tokens."""
-    logits = fusion.forward(params, ids, att)[:, :-1].float()
-    mask = resp[:, 1:].to(logits.device).bool()
+    positions = response_positions(resp)  # the head only where a response token is predicted
+    logits = fusion.forward(params, ids, att, positions).float()
+    mask = resp[:, positions + 1].to(logits.device).bool()
     log_policy = torch.log_softmax(logits, -1)[mask]
     if kind == "ce":
-        target = ids[:, 1:].to(logits.device)[mask]
+        target = ids[:, positions + 1].to(logits.device)[mask]
         return torch.nn.functional.nll_loss(log_policy, target)
     if reference is None:
         with torch.no_grad():
-            reference = torch.log_softmax(fusion.forward(None, ids, att).float(), -1)
-    log_reference = reference[:, :-1].to(logits.device)[mask]
+            reference = torch.log_softmax(fusion.forward(None, ids, att, positions).float(), -1)
+    else:  # precomputed at every position
+        reference = reference[:, positions.to(reference.device)]
+    log_reference = reference.to(logits.device)[mask]
     return torch.nn.functional.kl_div(log_policy, log_reference, log_target=True, reduction="batchmean")
 
 

