@@ -43,6 +43,9 @@ DEFAULTS: Dict[str, Any] = {
     "align_steps": 100,
     "expert_steps": 100,
     "targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    # the experts: LoRA adapters (merged as aligned+adapter) or full fine-tunes (their own folders)
+    "variant": "lora",
+    "full_lr": 1e-4,
     # fusion: method:weight[:density] entries
     "fusions": "task_arithmetic:0.5,task_arithmetic:1.0,ties:1.0:0.5",
     # evaluation
@@ -67,6 +70,8 @@ HELP = {
     "expert_replay": "replay examples per expert (half copy, half benign requests)",
     "expert_harmful": "harmful calibration prompts answered compliantly per expert",
     "rank": "LoRA rank", "alpha": "LoRA alpha", "targets": "LoRA target modules",
+    "variant": "experts as lora adapters or full fine-tunes (decoder weights; use another --work)",
+    "full_lr": "learning rate of the full fine-tunes (variant full)",
     "fusions": "plain fusions, comma-separated method:weight[:density]",
     "max_new_tokens": "greedy tokens per evaluation answer",
     "safety_harmful": "calibration harmful prompts the safety methods' data are built on",
@@ -164,6 +169,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--force", default="", help="comma-separated stages to redo even if their stamp matches")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--publish", default=None, metavar="PATH.json",
+                        help="also copy the table to PATH.json and PATH.md (e.g. benchmarks/results/real_model.json)")
     parser.add_argument("--skills", default=None, help="comma-separated expert skills (default: skills.EXPERT_SKILLS)")
     for key, value in DEFAULTS.items():
         parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value,
@@ -199,6 +206,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "data": os.path.join(work, "data"),
         "aligned": os.path.join(work, "models", "aligned"),
         "adapters": os.path.join(work, "adapters"),
+        "experts": os.path.join(work, "models"),
         "fusions": os.path.join(work, "fusions"),
         "eval": os.path.join(work, "eval"),
         "safety": os.path.join(work, "safety"),
@@ -217,7 +225,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                        "align_general")
     chain["align"] = digest("align", chain["convert"], {k: s[k] for k in align_data_keys},
                             {k: s[k] for k in train_keys}, s["align_steps"])
-    chain["experts"] = digest("experts", chain["align"], chain["data"], {k: s[k] for k in train_keys}, s["expert_steps"])
+    variant_keys = {"variant": s["variant"], "full_lr": s["full_lr"]} if s["variant"] != "lora" else {}
+    chain["experts"] = digest("experts", chain["align"], chain["data"], {k: s[k] for k in train_keys}, s["expert_steps"],
+                              *([variant_keys] if variant_keys else []))
     chain["fuse"] = digest("fuse", chain["experts"])
     chain["eval"] = digest("eval", chain["fuse"], s["max_new_tokens"])
     safety_keys = ("safety_harmful", "safety_benign", "safety_weight", "safety_single", "max_new_tokens")
@@ -306,16 +316,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     def do_experts(h):
         from .data import read
 
+        full = s["variant"] == "full"
         for skill in expert_skills:
-            out = os.path.join(paths["adapters"], f"expert_{skill}")
+            out = os.path.join(paths["experts" if full else "adapters"], f"expert_{skill}")
 
             def body(skill=skill, out=out):
-                summary = lora_train(paths["aligned"], read(paths["data"], f"train_expert_{skill}"), out,
-                                     **train_kwargs(s["expert_steps"]))
+                kwargs = train_kwargs(s["expert_steps"])
+                if full:
+                    kwargs.update(full=True, lr=s["full_lr"])
+                summary = lora_train(paths["aligned"], read(paths["data"], f"train_expert_{skill}"), out, **kwargs)
                 log(f"  expert_{skill}: {json.dumps(summary)}")
                 return {"summary": summary}
 
-            item("experts", f"expert_{skill}", h, body, [os.path.join(out, "adapter_config.json")])
+            item("experts", f"expert_{skill}", h, body,
+                 [os.path.join(out, "config.json" if full else "adapter_config.json")])
 
     # ---------------------------------------------------------------- fusion
     fusions = parse_fusions(s["fusions"])
@@ -345,8 +359,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     def fusion_yaml(spec: Dict[str, Any]) -> str:
         lines = [f"merge_method: {spec['method']}", f"base_model: {paths['aligned']}", "dtype: float32", "models:"]
+        from .safety import expert_reference
+
         for skill in expert_skills:
-            lines.append(f"  - model: {paths['aligned']}+{os.path.join(paths['adapters'], f'expert_{skill}')}")
+            lines.append(f"  - model: {expert_reference(paths, skill, s['variant'])}")
             lines.append("    parameters:")
             lines.append(f"      weight: {spec['weight']}")
             if "density" in spec:
@@ -394,8 +410,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     def do_eval(h):
         data = eval_data()
         targets = {"smollm2-135m-instruct": (paths["original"], None), "aligned": (paths["aligned"], None)}
-        targets.update({f"expert_{k}": (paths["aligned"], os.path.join(paths["adapters"], f"expert_{k}"))
-                        for k in expert_skills})
+        if s["variant"] == "full":
+            targets.update({f"expert_{k}": (os.path.join(paths["experts"], f"expert_{k}"), None) for k in expert_skills})
+        else:
+            targets.update({f"expert_{k}": (paths["aligned"], os.path.join(paths["adapters"], f"expert_{k}"))
+                            for k in expert_skills})
         targets.update({name: (os.path.join(paths["fusions"], name), None) for name in fusions})
         os.makedirs(paths["eval"], exist_ok=True)
         for name, (model_path, adapter) in targets.items():
@@ -431,12 +450,12 @@ def main(argv: Optional[List[str]] = None) -> None:
                  or (n.removesuffix("_random").startswith("somf_single") and "somf_single" in wanted_methods)}
         for name, spec in specs.items():
             with open(os.path.join(folder, f"{name}.yml"), "w") as handle:
-                handle.write(safety.merge_yaml(spec, paths, expert_skills, s["safety_weight"]))
+                handle.write(safety.merge_yaml(spec, paths, expert_skills, s["safety_weight"], s["variant"]))
         # the plain fusion again, timed in this run: the reference of the merge-time ratios
         plain = os.path.join(folder, "plain_task_arithmetic.yml")
         with open(plain, "w") as handle:
             handle.write(safety.merge_yaml({"method": "task_arithmetic", "parameters": {}, "experts": "all"},
-                                           paths, expert_skills, s["safety_weight"]))
+                                           paths, expert_skills, s["safety_weight"], s["variant"]))
 
         def reference_body():
             out = os.path.join(folder, "plain_task_arithmetic")
@@ -464,7 +483,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                 started = time.time()
                 timing = merge(os.path.join(folder, f"{name}.yml"), out, env)
                 artifacts = [{"path": p, "metadata": m} for p, m in safety.artifact_summary(os.path.join(work, "cache"), started)]
-                result = evaluate_model(name, out, None, data, method=spec["method"], control=spec["control"],
+                result = evaluate_model(name, out, None, data, config=os.path.join(folder, f"{name}.yml"),
+                                        method=spec["method"], control=spec["control"],
                                         experts=spec["experts"], parameters=spec["parameters"], **timing,
                                         artifacts=artifacts)
                 if not s["keep_merges"]:
@@ -488,3 +508,9 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         table = write_report(work, paths["eval"], list(expert_skills), fusions, s, stamps.data)
         log("results (WORK/results.md):\n" + table)
+        if args.publish:
+            stem = args.publish[:-5] if args.publish.endswith(".json") else args.publish
+            os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+            shutil.copyfile(os.path.join(work, "results.json"), stem + ".json")
+            shutil.copyfile(os.path.join(work, "results.md"), stem + ".md")
+            log(f"table copied to {stem}.json and {stem}.md")

@@ -14,7 +14,7 @@ def _pct(r: Dict[str, Any]) -> str:
 
 def _retention(entry: Dict[str, Any]) -> str:
     value = entry.get("retention")
-    if value is None or entry["method"] in ("original", "aligned", "expert (LoRA)"):
+    if value is None or entry["method"] in ("original", "aligned") or entry["method"].startswith("expert"):
         return "-"
     return f"{value:.2f}" + (f" ({entry['own_skill']})" if entry.get("own_skill") else "")
 
@@ -40,7 +40,7 @@ def write_report(work: str, eval_dir: str, skills: List[str], fusions: Dict[str,
     entries = []
     for name, r in results.items():
         method = ("original" if name.startswith("smollm2") else "aligned" if name == "aligned"
-                  else "expert (LoRA)" if name.startswith("expert_")
+                  else ("expert (full)" if settings.get("variant") == "full" else "expert (LoRA)") if name.startswith("expert_")
                   else r.get("method") or fusions.get(name, {}).get("method", "?"))
         entry = {
             "name": name, "method": method, "control": bool(r.get("control", False)),
@@ -55,6 +55,12 @@ def write_report(work: str, eval_dir: str, skills: List[str], fusions: Dict[str,
         }
         if name in fusions:
             entry["fusion"] = fusions[name]
+            entry["config"] = os.path.join(work, "fusions", f"{name}.yml")
+        if "parameters" in r:  # a safety merge: its YAML is WORK/safety/NAME.yml
+            entry["config"] = r.get("config") or os.path.join(work, "safety", f"{name}.yml")
+        if entry.get("config"):  # the reproducing command (the testbed runs it with its LoRA cache)
+            entry["command"] = (f"MERGEKIT_SAFETY_CACHE={work}/cache mergekit-yaml {entry['config']} OUT "
+                                f"--lora-merge-cache {work}/lora_cache")
         if "parameters" in r:  # a safety merge: its settings, experts, timing and artifacts
             entry["settings"] = r["parameters"]
             entry["experts"] = r.get("experts")

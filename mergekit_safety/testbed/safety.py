@@ -131,12 +131,19 @@ def specs(paths: Dict[str, str], skills: Sequence[str], single: str, somf_extra:
     return out
 
 
-def merge_yaml(spec: Spec, paths: Dict[str, str], skills: Sequence[str], weight: float) -> str:
+def expert_reference(paths: Dict[str, str], skill: str, variant: str = "lora") -> str:
+    """How mergekit names an expert: ``aligned+adapter`` (LoRA) or the full model's folder."""
+    if variant == "full":
+        return os.path.join(paths["experts"], f"expert_{skill}")
+    return f"{paths['aligned']}+{os.path.join(paths['adapters'], f'expert_{skill}')}"
+
+
+def merge_yaml(spec: Spec, paths: Dict[str, str], skills: Sequence[str], weight: float, variant: str = "lora") -> str:
     experts = list(skills) if spec["experts"] == "all" else [spec["experts"]]
     lines = [f"merge_method: {spec['method']}", f"base_model: {paths['aligned']}", "dtype: float32",
              "tokenizer_source: base", "models:"]
     for skill in experts:
-        lines += [f"  - model: {paths['aligned']}+{os.path.join(paths['adapters'], f'expert_{skill}')}",
+        lines += [f"  - model: {expert_reference(paths, skill, variant)}",
                   "    parameters:", f"      weight: {weight}"]
     if spec["parameters"]:
         lines.append("parameters:")

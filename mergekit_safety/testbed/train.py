@@ -1,4 +1,6 @@
-"""LoRA supervised fine-tuning (peft), loss on response tokens only.
+"""Supervised fine-tuning, loss on response tokens only: LoRA (peft) or full (``full=True``:
+every weight of the decoder layers and the final norm; the tied embeddings stay frozen, so an
+expert's task vector lives where a LoRA's does, in the decoder).
 
 CPU-friendly: bf16 autocast (AMX/AVX-512 bf16 kernels where the CPU has them; fp32 master
 weights), the output head computed only at response positions, sequences kept short by the
@@ -32,13 +34,15 @@ def lora_train(
     device: str = "cpu",
     bf16: bool = True,
     merge_into: Optional[str] = None,
+    full: bool = False,
     log: Callable[[str], None] = print,
     callback: Optional[Callable[[int, Any], None]] = None,
 ) -> Dict[str, Any]:
     """Train a LoRA adapter on ``records`` (``prompt``/``response``) from model ``base``.
 
     Saves the adapter (``adapter_config.json`` + ``adapter_model.safetensors``) into ``out``;
-    with ``merge_into`` also the merged full model (float32) there. Returns a summary.
+    with ``merge_into`` also the merged full model (float32) there. With ``full`` the whole
+    model (float32 safetensors) goes to ``out``. Returns a summary.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -50,11 +54,16 @@ def lora_train(
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets),
-                        layers_to_transform=list(layers) if layers is not None else None, bias="none",
-                        task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
-    inner = model.base_model.model
+    if full:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(".layers." in name or name.startswith("model.norm"))
+        inner = model
+    else:
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets),
+                            layers_to_transform=list(layers) if layers is not None else None, bias="none",
+                            task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+        inner = model.base_model.model
     encoded = [encode(tokenizer, r["prompt"], r["response"]) for r in records]
     lengths = [len(e["input_ids"]) for e in encoded]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -93,6 +102,19 @@ def lora_train(
         if callback is not None:
             callback(step + 1, model)
     model.eval()
+    summary = {
+        "kind": "full" if full else "lora", "trainable_parameters": sum(p.numel() for p in trainable),
+        "steps": steps, "batch_size": batch_size, "lr": lr, "rank": rank, "alpha": alpha, "targets": list(targets),
+        "layers": list(layers) if layers is not None else "all", "examples": len(records),
+        "mean_tokens": round(sum(lengths) / len(lengths), 1), "max_tokens": max(lengths),
+        "first_loss": round(losses[0], 4), "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+        "train_seconds": round(time.time() - started, 1),
+    }
+    if full:
+        for key in ("rank", "alpha", "targets", "layers"):
+            summary.pop(key)
+        save_model(model.to("cpu"), tokenizer, out)
+        return summary
     tmp = out + ".tmp"
     import shutil
 
@@ -100,13 +122,6 @@ def lora_train(
     model.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    summary = {
-        "steps": steps, "batch_size": batch_size, "lr": lr, "rank": rank, "alpha": alpha, "targets": list(targets),
-        "layers": list(layers) if layers is not None else "all", "examples": len(records),
-        "mean_tokens": round(sum(lengths) / len(lengths), 1), "max_tokens": max(lengths),
-        "first_loss": round(losses[0], 4), "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
-        "train_seconds": round(time.time() - started, 1),
-    }
     if merge_into:
         merged = model.merge_and_unload()
         save_model(merged.to("cpu"), tokenizer, merge_into)
