@@ -106,3 +106,18 @@ def test_check_wants_a_matching_unaligned_model(family, tmp_path):
     config = tmp_path / "c.yml"
     config.write_text(merge_yaml("safe_lora", family, EXPERTS, f"  unaligned_model: {tmp_path / 'missing'}\n"))
     assert any("missing" in p.message for p in check_config_file(str(config)))
+
+
+@pytest.mark.parametrize("method", ["safe_lora", "safemerge"])
+def test_a_threshold_that_selects_every_layer_is_named(family, tmp_path, caplog, method):
+    """Cosines ≤ 1: a threshold above every cosine acts everywhere, and the random control is
+    then the same merge — said in a warning (the real testbed's LoRA updates hit this at 0.5)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        _run(method, family, tmp_path, "  threshold: 1.5\n", "all")
+    assert "selects every one of the" in caplog.text and "random control is the same merge" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _run(method, family, tmp_path, "  top_k: 2\n", "two")
+    assert "selects every one" not in caplog.text
