@@ -466,6 +466,47 @@ def test_held_aside_pairs_are_never_trained_on(family, data, monkeypatch):
     assert not any(h[: len(r)] == r for h in held for r in rows)
 
 
+def test_benign_pairs_term_and_its_held_aside_check(family, data, tmp_path, monkeypatch):
+    """benign_weight: the fusion's own benign answers (chosen) against the pairs' refusals
+    (rejected); trained on, recorded, and — with the stopping rule — held aside and checked."""
+    from mergekit_safety.lab.language import REFUSAL
+    from mergekit_safety.methods.somf import training
+
+    tokenizer = training.load_tokenizer(family["base"])
+    utility = tmp_path / "utility.jsonl"
+    records = [json.loads(line) for line in open(data["utility"])]
+    records.insert(1, {"prompt": records[0]["prompt"], "response": REFUSAL})  # a refusal is no benign pair
+    utility.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ids, att, resp, n = training.encode_benign_pairs(str(utility), data["pairs"], tokenizer, 64)
+    assert n == len(records) - 1 and ids.shape[0] == 2 * n
+    decoded = [tokenizer.decode(ids[i][resp[i].bool()], skip_special_tokens=True).strip() for i in (0, n)]
+    assert decoded == [records[0]["response"], REFUSAL]
+
+    settings = settings_for(family, data, utility_data=str(utility), benign_weight=1.0, steps=6, modules="attention",
+                            stop_preference=1.0, stop_margin=1e9, check_every=3, validation_share=0.25)
+    rules = []
+
+    class Spy(training.StoppingRule):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            rules.append(self)
+
+    monkeypatch.setattr(training, "StoppingRule", Spy)
+    _, extra = training.train_mask(family["base"], experts_of(family), settings, progress=False)
+    assert all("benign_dpo" in h for h in extra["history"])
+    checks = extra["stopping"]["checks"]
+    assert len(checks) == 2 and all(0.0 <= c["benign_preferred"] <= 1.0 for c in checks)
+    rule = rules[0]
+    held, train = set(rule.benign_held_index.tolist()), set(rule.benign_train_index.tolist())
+    assert held and not held & train and held | train == set(range(n))
+    assert extra["stopping"]["held_aside_benign_pairs"] == len(held)
+    # off (the default of both presets): no benign pairs at all
+    _, extra = training.train_mask(family["base"], experts_of(family), settings_for(family, data, steps=2), progress=False)
+    assert "benign_dpo" not in extra["history"][0]
+    with pytest.raises(SOMFTrainingError, match="benign_weight needs utility_data"):
+        training.train_mask(family["base"], experts_of(family), settings_for(family, data, benign_weight=1.0), progress=False)
+
+
 # --------------------------------------------------------------------------- presets
 
 

@@ -70,3 +70,18 @@ def test_somf_parameters_of_the_testbed():
 
     with pytest.raises(ValueError, match="key=value"):
         safety.parse_parameters("steps")
+
+
+def test_somf_variants_are_added_beside_the_defaults(tmp_path):
+    import pytest
+
+    variants = safety.parse_variants("benign:benign_weight=1.0; long:steps=800,lr=0.1")
+    assert variants == {"benign": {"benign_weight": 1.0}, "long": {"steps": 800, "lr": 0.1}}
+    paths = {"safety": str(tmp_path), "original": "/o", "aligned": "/a", "adapters": "/d"}
+    names = list(safety.specs(paths, ["x"], "x", {"batch_size": 8}, variants))
+    assert names[:8] == ["somf", "somf_random", "somf_single_x", "somf_single_x_random", "somf_benign",
+                         "somf_benign_random", "somf_single_x_benign", "somf_single_x_benign_random"]
+    spec = safety.specs(paths, ["x"], "x", {"batch_size": 8}, variants)["somf_single_x_long_random"]
+    assert spec["parameters"]["steps"] == 800 and spec["parameters"]["batch_size"] == 8 and spec["control"]
+    with pytest.raises(ValueError, match="name:key=value"):
+        safety.parse_variants("benign_weight=1.0")

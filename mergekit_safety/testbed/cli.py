@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 STAGES = ("fetch", "convert", "data", "align", "experts", "fuse", "eval", "safety")
+ITEMIZED = ("align", "experts", "fuse", "eval", "safety")
 RECIPE_VERSION = 1  # bump when a stage's code changes its outputs
 SAFETY_VERSION = 1  # the safety stage's own (bumping it redoes only that stage)
 
@@ -59,6 +60,8 @@ DEFAULTS: Dict[str, Any] = {
     "safety_methods": "somf,somf_single,ssah,antidote,resta,safe_lora,safemerge",
     # SOMF on a CPU: bf16 (an execution setting) and the batch/step budget of 2 cores (docs/testbed.md)
     "safety_somf": "dtype=bfloat16,batch_size=8,steps=400,check_every=25",
+    # SOMF variants measured beside the defaults (docs/testbed.md: "SOMF against over-refusal")
+    "safety_somf_variants": "benign:benign_weight=1.0",
     "keep_merges": 0,
 }
 
@@ -81,6 +84,7 @@ HELP = {
     "safety_methods": "safety merges to run (each with its random control)",
     "keep_merges": "1 = keep the safety merges' model folders after their evaluation",
     "safety_somf": "extra SOMF parameters, comma-separated key=value (everything else: the package's defaults)",
+    "safety_somf_variants": "SOMF variants beside the defaults: name:key=value,...;name2:... (each multi- and single-expert, with controls)",
 }
 
 
@@ -237,7 +241,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         if name not in wanted:
             return
         h = chain[name]
-        if stamps.done(name, h) and name not in force:
+        # stages made of items (models, merges, evaluations) always look at their items: each is
+        # cached on its own, so a new item (e.g. another safety method) runs without redoing the rest
+        if stamps.done(name, h) and name not in force and name not in ITEMIZED:
             log(f"[{name}] cached (stamp {h})")
             return
         if name in force and stamps.data.get(name, {}).get("hash") == h:
@@ -443,11 +449,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         single = s["safety_single"]
         if single not in expert_skills:
             raise SystemExit(f"--safety-single {single!r} is not one of the experts {list(expert_skills)}")
-        specs = safety.specs(paths, expert_skills, single, safety.parse_parameters(s["safety_somf"]))
+        variants = safety.parse_variants(s["safety_somf_variants"])
+        specs = safety.specs(paths, expert_skills, single, safety.parse_parameters(s["safety_somf"]), variants)
         wanted_methods = {m.strip() for m in s["safety_methods"].split(",") if m.strip()}
         specs = {n: sp for n, sp in specs.items()
                  if n.removesuffix("_random") in wanted_methods
-                 or (n.removesuffix("_random").startswith("somf_single") and "somf_single" in wanted_methods)}
+                 or (sp["method"] == "somf" and sp["experts"] == "all" and "somf" in wanted_methods)
+                 or (sp["method"] == "somf" and sp["experts"] != "all" and "somf_single" in wanted_methods)}
         for name, spec in specs.items():
             with open(os.path.join(folder, f"{name}.yml"), "w") as handle:
                 handle.write(safety.merge_yaml(spec, paths, expert_skills, s["safety_weight"], s["variant"]))
@@ -492,7 +500,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 return {"refusal": result["refusal"]["rate"], **timing}  # merge_seconds, peak_rss_mb
 
             # --safety-somf changes only the SOMF items: it is part of their identity, not of the stage's
-            identity = safety.parse_parameters(s["safety_somf"]) if spec["method"] == "somf" else None
+            identity = spec.get("identity")
             item("safety", name, h, body, [os.path.join(paths["eval"], f"{name}.json")], identity=identity)
 
     stage("fetch", do_fetch)

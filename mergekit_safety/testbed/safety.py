@@ -103,7 +103,19 @@ def parse_parameters(text: str) -> Dict[str, Any]:
     return out
 
 
-def specs(paths: Dict[str, str], skills: Sequence[str], single: str, somf_extra: Dict[str, Any] = None) -> Dict[str, Spec]:
+def parse_variants(text: str) -> Dict[str, Dict[str, Any]]:
+    """``name:key=value,key=value;name2:…`` → {name: parameters} (SOMF variants beside the defaults)."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for entry in [e.strip() for e in text.split(";") if e.strip()]:
+        name, sep, rest = entry.partition(":")
+        if not sep or not name.strip().isidentifier():
+            raise ValueError(f"{entry!r}: expected name:key=value,...")
+        out[name.strip()] = parse_parameters(rest)
+    return out
+
+
+def specs(paths: Dict[str, str], skills: Sequence[str], single: str, somf_extra: Dict[str, Any] = None,
+          somf_variants: Dict[str, Dict[str, Any]] = None) -> Dict[str, Spec]:
     """The merges of the stage, in order: each method with the package's defaults, then its
     equal-size random control (same artifact where the method has one)."""
     data = os.path.join(paths["safety"], "data")
@@ -116,13 +128,18 @@ def specs(paths: Dict[str, str], skills: Sequence[str], single: str, somf_extra:
     unaligned = {"unaligned_model": paths["original"]}
     out: Dict[str, Spec] = {}
 
-    def add(name, method, params, experts="all"):
-        out[name] = {"method": method, "parameters": params, "control": False, "experts": experts}
+    def add(name, method, params, experts="all", identity=None):
+        # identity: the settings that are options of the testbed (SOMF's), part of the item's stamp
+        out[name] = {"method": method, "parameters": params, "control": False, "experts": experts, "identity": identity}
         out[name + "_random"] = {"method": method, "parameters": {**params, "control": "random"},
-                                 "control": True, "experts": experts}
+                                 "control": True, "experts": experts, "identity": identity}
 
-    add("somf", "somf", somf)
-    add(f"somf_single_{single}", "somf", somf, experts=single)
+    add("somf", "somf", somf, identity=dict(somf_extra or {}))
+    add(f"somf_single_{single}", "somf", somf, experts=single, identity=dict(somf_extra or {}))
+    for variant, extra in (somf_variants or {}).items():
+        add(f"somf_{variant}", "somf", {**somf, **extra}, identity={**(somf_extra or {}), **extra})
+        add(f"somf_single_{single}_{variant}", "somf", {**somf, **extra}, experts=single,
+            identity={**(somf_extra or {}), **extra})
     add("ssah", "ssah", ssah)
     add("antidote", "antidote", antidote)
     add("resta", "resta", unaligned)

@@ -64,9 +64,9 @@ class SOMFSettings(LocatingSettings):
     artifact_depends_on_fusion: ClassVar[bool] = True  # the mask is trained through the fusion
     PRESETS: ClassVar[Dict[str, Dict[str, Any]]] = {
         "recipe": {"init": 1.0, "keep_rescale": False, "chosen_nll_weight": 0.5, "utility_weight": 10.0,
-                   "lr": 0.2, "steps": 6000, "stop_preference": 0.98},
+                   "benign_weight": 0.0, "lr": 0.2, "steps": 6000, "stop_preference": 0.98},
         "paper": {"init": 0.0, "keep_rescale": True, "chosen_nll_weight": 0.0, "utility_weight": 0.0,
-                  "lr": 1e-2, "steps": 300, "stop_preference": 0.0},
+                  "benign_weight": 0.0, "lr": 1e-2, "steps": 300, "stop_preference": 0.0},
     }
 
     preset: Literal["recipe", "paper"] = setting("recipe", "defaults of the parameters left empty: recipe (measured working recipe) or paper (Yi et al.'s setting)", locate=True)
@@ -89,6 +89,7 @@ class SOMFSettings(LocatingSettings):
     chosen_nll_weight: Optional[NonNegative] = setting(None, "weight of a per-token NLL on the chosen (safe) answers, RPO-style (extension; 0 = off)", locate=True)
     utility_weight: Optional[NonNegative] = setting(None, "weight of the utility term on utility_data (extension; 0 = off)", locate=True)
     utility_loss: Literal["kl", "ce"] = setting("kl", "utility term: kl to the unmasked fusion, or ce on the responses", locate=True)
+    benign_weight: Optional[NonNegative] = setting(None, "weight of a DPO term on benign pairs from utility_data: the fusion's own answer (chosen) vs a refusal (rejected, the preference pairs' chosen answers) — against over-refusal; with the stopping rule, benign pairs are held aside and checked too (extension; 0 = off)", locate=True)
     sparsity_weight: NonNegative = setting(0.0, "weight of a penalty on the expected mask density (extension; 0 = off)", locate=True)
     entropy_weight: NonNegative = setting(0.0, "weight of a penalty on the mean binary entropy of σ(s): decided logits, so the exported binary mask is the model training saw (extension; 0 = off)", locate=True)
     # optimisation

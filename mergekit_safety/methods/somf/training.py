@@ -403,6 +403,25 @@ def encode_pairs(path: str, tokenizer, max_length: int):
     return batch["input_ids"], batch["attention_mask"], batch["response_mask"], len(records)
 
 
+def encode_benign_pairs(utility_path: str, pairs_path: str, tokenizer, max_length: int):
+    """Benign pairs for ``benign_weight``: each utility prompt with the fusion's own answer
+    (chosen) against a refusal (rejected) — the preference pairs' chosen answers, in turn — so
+    the mask cannot buy refusals of harmful prompts with refusals of benign ones. Rows: the
+    chosen then the rejected; records whose answer is itself that refusal are left out."""
+    from mergekit_safety.engine.data import collate, encode_example, read_jsonl
+
+    refusals = [r["chosen"] for r in read_jsonl(pairs_path, ("prompt", "chosen", "rejected"))]
+    records = read_jsonl(utility_path, ("prompt", "response"), nonempty=("prompt", "response"))
+    pairs = [(r["prompt"], r["response"], refusals[i % len(refusals)]) for i, r in enumerate(records)
+             if r["response"].strip() != refusals[i % len(refusals)].strip()]
+    if not pairs:
+        raise SOMFTrainingError(f"{utility_path}: no benign record differs from the refusals: nothing for benign_weight")
+    encoded = [encode_example(tokenizer, p, a, max_length) for p, a, _ in pairs]
+    encoded += [encode_example(tokenizer, p, r, max_length) for p, _, r in pairs]
+    batch = collate(encoded, pad_id(tokenizer))
+    return batch["input_ids"], batch["attention_mask"], batch["response_mask"], len(pairs)
+
+
 def encode_utility(path: str, tokenizer, max_length: int):
     from mergekit_safety.engine.data import collate, encode_example, read_jsonl
 
@@ -484,12 +503,22 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
             "refusals but destroys the experts' skills (docs/somf.md); give utility_data"
         )
 
+    benign = None
+    if settings.benign_weight > 0:
+        if not settings.utility_data:
+            raise SOMFTrainingError("somf: benign_weight needs utility_data (benign prompts with the fusion's answers)")
+        benign = encode_benign_pairs(settings.utility_data, settings.preference_data, tokenizer, settings.max_length)
+
     batch = min(settings.batch_size, n_pairs)
     # The aligned reference is computed before the fusion is built: one model in memory at a time.
     ref = reference_logps(settings, base_path, ids, att, resp, batch) if settings.reference == "aligned" else None
+    benign_ref = (reference_logps(settings, base_path, *benign[:3], batch)
+                  if benign is not None and settings.reference == "aligned" else None)
     fusion = FunctionalFusion(base_path, expert_paths, settings, progress=progress)
     if ref is None:
         ref = reference_logps(settings, base_path, ids, att, resp, batch, fusion=fusion)
+    if benign is not None and benign_ref is None:
+        benign_ref = reference_logps(settings, base_path, *benign[:3], batch, fusion=fusion)
     ref_chosen, ref_rejected = ref[:n_pairs], ref[n_pairs:]
     chosen_tokens = resp[:n_pairs, 1:].sum(1).clamp(min=1).float()  # response tokens per chosen answer
 
@@ -511,7 +540,8 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
     )
     total_elements = fusion.masked_elements()
     history: List[Dict[str, float]] = []
-    rule = StoppingRule(settings, n_pairs, batch) if settings.stop_preference > 0 else None
+    rule = (StoppingRule(settings, n_pairs, batch, n_benign=benign[3] if benign is not None else 0)
+            if settings.stop_preference > 0 else None)
     train_index = rule.train_index if rule is not None else None
     n_train = n_pairs if train_index is None else train_index.numel()
     batch = min(batch, n_train)
@@ -523,6 +553,10 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
     order = shuffled()
     u_order = torch.randperm(utility[0].shape[0], generator=generator) if utility is not None else None
     position = u_position = 0
+    if benign is not None:
+        b_train = rule.benign_train_index if rule is not None else torch.arange(benign[3])
+        b_batch = min(batch, b_train.numel())
+        b_order, b_position = b_train[torch.randperm(b_train.numel(), generator=generator)], 0
     bar = tqdm(range(settings.steps), desc="somf: learn mask", disable=not progress, mininterval=0.5)
     for step in bar:
         if position + batch > n_train:
@@ -554,6 +588,20 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
                                         None if utility_ref is None else utility_ref[u_index][:, : ub_ids.shape[1]])
             loss = loss + settings.utility_weight * loss_utility
             record["utility"] = float(loss_utility.detach())
+        if benign is not None:
+            if b_position + b_batch > b_train.numel():
+                b_order, b_position = b_train[torch.randperm(b_train.numel(), generator=generator)], 0
+            b_index = b_order[b_position:b_position + b_batch]
+            b_position += b_batch
+            n_benign = benign[3]
+            rows = torch.cat([b_index, b_index + n_benign])
+            bb_ids, bb_att, bb_resp = _trim(benign[0][rows], benign[1][rows], benign[2][rows])
+            b_logps = fusion.response_logps(params, bb_ids, bb_att, bb_resp)
+            k = len(b_index)
+            loss_benign, _ = dpo_loss(b_logps[:k], b_logps[k:], benign_ref[b_index].to(b_logps.device),
+                                      benign_ref[b_index + n_benign].to(b_logps.device), settings.beta)
+            loss = loss + settings.benign_weight * loss_benign
+            record["benign_dpo"] = float(loss_benign.detach())
         if settings.sparsity_weight > 0:
             density = sum(torch.sigmoid(s).sum() for s in parameters) / total_elements
             loss = loss + settings.sparsity_weight * density
@@ -570,13 +618,17 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
         history.append(record)
         postfix = {"loss": f"{record['loss']:.4f}", "dpo": f"{record['dpo']:.4f}"}
         if rule is not None and ((step + 1) % settings.check_every == 0 or step + 1 == settings.steps):
-            check = rule.check(fusion, ids, att, resp, utility, utility_ref, step + 1)
+            check = rule.check(fusion, ids, att, resp, utility, utility_ref, step + 1, benign=benign)
             postfix["held_pref"] = f"{check['preferred']:.3f}"
+            if "benign_preferred" in check:
+                postfix["held_benign"] = f"{check['benign_preferred']:.3f}"
             if check["stop"]:
                 bar.set_postfix(**postfix)
                 break
         if rule is not None and rule.checks:
             postfix["held_pref"] = f"{rule.checks[-1]['preferred']:.3f}"
+            if "benign_preferred" in rule.checks[-1]:
+                postfix["held_benign"] = f"{rule.checks[-1]['benign_preferred']:.3f}"
         bar.set_postfix(**postfix)
     bar.close()
 
@@ -597,10 +649,12 @@ class StoppingRule:
     one by more than ``stop_margin`` nats. Training stops once that share reaches
     ``stop_preference`` — and, when ``max_utility_kl`` > 0 and utility data is given, the mean
     per-token KL of the masked fusion to the unmasked one on a fixed utility batch is within
-    it — or at the step cap (``steps``). The artifact records why and when it stopped.
+    it, and, with ``benign_weight``, the fusion prefers its own answer to a refusal on the same
+    share of held-aside benign pairs — or at the step cap (``steps``). The artifact records why
+    and when it stopped.
     """
 
-    def __init__(self, settings, n_pairs: int, batch: int):
+    def __init__(self, settings, n_pairs: int, batch: int, n_benign: int = 0):
         self.settings = settings
         held = max(4, int(round(settings.validation_share * n_pairs)))
         if n_pairs - held < 2:
@@ -610,12 +664,30 @@ class StoppingRule:
             )
         order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(settings.train_seed + 1_000_003))
         self.held_index, self.train_index = order[:held].sort().values, order[held:].sort().values
+        self.benign_held_index = self.benign_train_index = None
+        if n_benign:
+            held_benign = max(4, int(round(settings.validation_share * n_benign)))
+            if n_benign - held_benign < 2:
+                raise SOMFTrainingError(f"somf: {n_benign} benign pairs are too few to hold {held_benign} aside")
+            order = torch.randperm(n_benign, generator=torch.Generator().manual_seed(settings.train_seed + 2_000_003))
+            self.benign_held_index = order[:held_benign].sort().values
+            self.benign_train_index = order[held_benign:].sort().values
         self.batch = batch
         self.checks: List[Dict[str, Any]] = []
         self.stopped: Optional[Dict[str, Any]] = None
 
+    def _held_preference(self, fusion, params, ids, att, resp, held, n) -> torch.Tensor:
+        margins = []
+        for start in range(0, held.numel(), self.batch):
+            index = held[start:start + self.batch]
+            rows = torch.cat([index, index + n])
+            b_ids, b_att, b_resp = _trim(ids[rows], att[rows], resp[rows])
+            logps = fusion.response_logps(params, b_ids, b_att, b_resp).cpu()
+            margins.append(logps[: len(index)] - logps[len(index):])
+        return torch.cat(margins)
+
     @torch.no_grad()
-    def check(self, fusion, ids, att, resp, utility, utility_ref, step: int) -> Dict[str, Any]:
+    def check(self, fusion, ids, att, resp, utility, utility_ref, step: int, benign=None) -> Dict[str, Any]:
         settings = self.settings
         params = fusion.parameters_for(fusion.fixed_masks("binary"))
         n_pairs = ids.shape[0] // 2
@@ -632,6 +704,11 @@ class StoppingRule:
             "preferred": float((margin > settings.stop_margin).float().mean()),
             "median_margin": float(margin.median()),
         }
+        benign_ok = True
+        if benign is not None and self.benign_held_index is not None:
+            benign_margin = self._held_preference(fusion, params, *benign[:3], self.benign_held_index, benign[3])
+            record["benign_preferred"] = float((benign_margin > settings.stop_margin).float().mean())
+            benign_ok = record["benign_preferred"] >= settings.stop_preference
         utility_ok = True
         if utility is not None and settings.max_utility_kl > 0:
             u_ids, u_att, u_resp = utility
@@ -641,7 +718,7 @@ class StoppingRule:
                               None if utility_ref is None else utility_ref[:k][:, : ub_ids.shape[1]])
             record["utility_kl"] = float(kl)
             utility_ok = record["utility_kl"] <= settings.max_utility_kl
-        record["stop"] = record["preferred"] >= settings.stop_preference and utility_ok
+        record["stop"] = record["preferred"] >= settings.stop_preference and utility_ok and benign_ok
         self.checks.append(record)
         if record["stop"] and self.stopped is None:
             self.stopped = record
@@ -651,6 +728,8 @@ class StoppingRule:
         settings = self.settings
         if self.stopped is not None:
             reason = (f"held-aside preference {self.stopped['preferred']:.3f} >= {settings.stop_preference}"
+                      + (f" and benign preference {self.stopped['benign_preferred']:.3f} >= {settings.stop_preference}"
+                         if "benign_preferred" in self.stopped else "")
                       + (f" and utility KL {self.stopped['utility_kl']:.4f} <= {settings.max_utility_kl}"
                          if "utility_kl" in self.stopped else ""))
         else:
@@ -659,6 +738,7 @@ class StoppingRule:
             "rule": {k: getattr(settings, k) for k in ("stop_preference", "stop_margin", "max_utility_kl",
                                                          "validation_share", "check_every", "steps")},
             "held_aside_pairs": int(self.held_index.numel()),
+            "held_aside_benign_pairs": int(self.benign_held_index.numel()) if self.benign_held_index is not None else 0,
             "steps_run": steps_run,
             "stopped_early": self.stopped is not None and steps_run < settings.steps,
             "reason": reason,
