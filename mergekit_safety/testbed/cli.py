@@ -61,7 +61,7 @@ DEFAULTS: Dict[str, Any] = {
     # SOMF on a CPU: bf16 (an execution setting) and the batch/step budget of 2 cores (docs/testbed.md)
     "safety_somf": "dtype=bfloat16,batch_size=8,steps=400,check_every=25",
     # SOMF variants measured beside the defaults (docs/testbed.md: "SOMF against over-refusal")
-    "safety_somf_variants": "benign:benign_weight=1.0",
+    "safety_somf_variants": "benign:benign_weight=1.0,stop_preference=0.95",
     "keep_merges": 0,
 }
 
@@ -521,4 +521,5 @@ def main(argv: Optional[List[str]] = None) -> None:
             os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
             shutil.copyfile(os.path.join(work, "results.json"), stem + ".json")
             shutil.copyfile(os.path.join(work, "results.md"), stem + ".md")
-            log(f"table copied to {stem}.json and {stem}.md")
+            shutil.copyfile(os.path.join(work, "summary.md"), stem + ".summary.md")
+            log(f"table copied to {stem}.json, {stem}.md and {stem}.summary.md")

@@ -109,4 +109,36 @@ def write_report(work: str, eval_dir: str, skills: List[str], fusions: Dict[str,
     table = "\n".join(lines) + "\n\nRates in % with 95 % Wilson intervals; n per skill in results.json.\n"
     with open(os.path.join(work, "results.md"), "w") as handle:
         handle.write(table)
+    with open(os.path.join(work, "summary.md"), "w") as handle:
+        handle.write(summary_table(entries, best))
     return table
+
+
+def summary_table(entries: List[Dict[str, Any]], best: Any) -> str:
+    """One row per model or method, its random control beside it (the README's table)."""
+    by_name = {e["name"]: e for e in entries}
+
+    def cell(e, key):
+        lo, hi = e[key + "_ci95"]
+        return f"{100 * e[key + '_rate']:.0f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+    def skills(e):
+        if e.get("own_skill"):
+            own = e["own_skill"]
+            return f"{own} {100 * e['accuracy'][own]:.0f} (expert {100 * by_name['expert_' + own]['accuracy'][own]:.0f})"
+        return f"{100 * e['mean_expert_skill']:.1f}"
+
+    head = ["model or merge", "method", "refusal %", "over-refusal %", "experts' skills %", "retention",
+            "random control: refusal % / retention"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---"] + ["---:"] * 5) + "|"]
+    for e in entries:
+        if e["control"] or e["name"].startswith("expert_") or e["name"] == "smollm2-135m-instruct":
+            continue
+        control = by_name.get(e["name"] + "_random")
+        retention = "-" if e["method"] == "aligned" or e.get("retention") is None else f"{e['retention']:.2f}"
+        versus = (f"{cell(control, 'refusal')} / {control['retention']:.2f}" if control and control.get("retention") is not None
+                  else "-")
+        name = e["name"] + (" (best plain fusion)" if e["name"] == best else "")
+        lines.append("| " + " | ".join([name, e["method"], cell(e, "refusal"), cell(e, "over_refusal"), skills(e),
+                                         retention, versus]) + " |")
+    return "\n".join(lines) + "\n"
