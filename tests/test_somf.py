@@ -431,6 +431,21 @@ def test_stopping_rule_stops_early_and_records_why(family, data):
     assert "step cap 10 reached" in extra["stopping"]["reason"] and len(extra["stopping"]["checks"]) == 2
 
 
+def spy_on_stopping_rules(monkeypatch):
+    """The StoppingRule instances training creates (appended to the returned list)."""
+    from mergekit_safety.methods.somf import training
+
+    rules = []
+
+    class Spy(training.StoppingRule):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            rules.append(self)
+
+    monkeypatch.setattr(training, "StoppingRule", Spy)
+    return rules
+
+
 def test_held_aside_pairs_are_never_trained_on(family, data, monkeypatch):
     from mergekit_safety.methods.somf import training
 
@@ -445,16 +460,9 @@ def test_held_aside_pairs_are_never_trained_on(family, data, monkeypatch):
         trained.append(last["ids"])
         return original_sample(self, generator)
 
-    rules = []
-
-    class Spy(training.StoppingRule):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            rules.append(self)
-
+    rules = spy_on_stopping_rules(monkeypatch)
     monkeypatch.setattr(training, "_trim", trim)
     monkeypatch.setattr(training.FunctionalFusion, "sample_masks", sample_masks)
-    monkeypatch.setattr(training, "StoppingRule", Spy)
     settings = settings_for(family, data, steps=12, modules="attention", stop_preference=1.0, stop_margin=1e9,
                             check_every=100, validation_share=0.25, batch_size=4)
     training.train_mask(family["base"], experts_of(family), settings, progress=False)
@@ -484,14 +492,7 @@ def test_benign_pairs_term_and_its_held_aside_check(family, data, tmp_path, monk
 
     settings = settings_for(family, data, utility_data=str(utility), benign_weight=1.0, steps=6, modules="attention",
                             stop_preference=1.0, stop_margin=1e9, check_every=3, validation_share=0.25)
-    rules = []
-
-    class Spy(training.StoppingRule):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            rules.append(self)
-
-    monkeypatch.setattr(training, "StoppingRule", Spy)
+    rules = spy_on_stopping_rules(monkeypatch)
     _, extra = training.train_mask(family["base"], experts_of(family), settings, progress=False)
     assert all("benign_dpo" in h for h in extra["history"])
     checks = extra["stopping"]["checks"]
