@@ -54,6 +54,10 @@ def test_derived_data_and_merge_yaml(tmp_path):
     specs = safety.specs(paths, ["x", "y"], "y")
     assert list(specs)[:4] == ["somf", "somf_random", "somf_single_y", "somf_single_y_random"]
     assert all(specs[n]["control"] == n.endswith("_random") for n in specs)
+    # --safety-methods selects by family: single-expert SOMF apart from the three-expert one
+    assert {n: specs[n]["family"] for n in list(specs)[:4]} == {
+        "somf": "somf", "somf_random": "somf", "somf_single_y": "somf_single", "somf_single_y_random": "somf_single"}
+    assert specs["safe_lora_random"]["family"] == "safe_lora"
     config = yaml.safe_load(safety.merge_yaml(specs["somf_single_y_random"], paths, ["x", "y"], 1.0))
     assert config["models"] == [{"model": "/m/aligned+/a/expert_y", "parameters": {"weight": 1.0}}]
     assert config["parameters"]["control"] == "random" and config["parameters"]["preference_data"] == "auto"

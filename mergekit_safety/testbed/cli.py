@@ -452,10 +452,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         variants = safety.parse_variants(s["safety_somf_variants"])
         specs = safety.specs(paths, expert_skills, single, safety.parse_parameters(s["safety_somf"]), variants)
         wanted_methods = {m.strip() for m in s["safety_methods"].split(",") if m.strip()}
-        specs = {n: sp for n, sp in specs.items()
-                 if n.removesuffix("_random") in wanted_methods
-                 or (sp["method"] == "somf" and sp["experts"] == "all" and "somf" in wanted_methods)
-                 or (sp["method"] == "somf" and sp["experts"] != "all" and "somf_single" in wanted_methods)}
+        specs = {n: sp for n, sp in specs.items() if sp["family"] in wanted_methods}
         for name, spec in specs.items():
             with open(os.path.join(folder, f"{name}.yml"), "w") as handle:
                 handle.write(safety.merge_yaml(spec, paths, expert_skills, s["safety_weight"], s["variant"]))

