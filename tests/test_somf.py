@@ -501,6 +501,13 @@ def test_benign_pairs_term_and_its_held_aside_check(family, data, tmp_path, monk
     held, train = set(rule.benign_held_index.tolist()), set(rule.benign_train_index.tolist())
     assert held and not held & train and held | train == set(range(n))
     assert extra["stopping"]["held_aside_benign_pairs"] == len(held)
+    # bad inputs: nothing but refusals in the utility data; too few benign pairs to hold some aside
+    only_refusals = tmp_path / "refusals.jsonl"
+    only_refusals.write_text(json.dumps({"prompt": "p", "response": REFUSAL}) + "\n")
+    with pytest.raises(SOMFTrainingError, match="no benign record differs from the refusals"):
+        training.encode_benign_pairs(str(only_refusals), data["pairs"], tokenizer, 64)
+    with pytest.raises(SOMFTrainingError, match="5 benign pairs are too few to hold 4 aside"):
+        training.StoppingRule(settings, 24, 8, n_benign=5)
     # off (the default of both presets): no benign pairs at all
     _, extra = training.train_mask(family["base"], experts_of(family), settings_for(family, data, steps=2), progress=False)
     assert "benign_dpo" not in extra["history"][0]
