@@ -363,3 +363,44 @@ def test_demo_runs_merges_records_failures_and_plots(quick_lab, tmp_path):
     assert "| task_arithmetic |" in open(res["files"]["markdown"]).read()
     with open(res["files"]["plot"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _model_hashes(lab_dir):
+    import hashlib
+
+    return {name: hashlib.sha256(open(os.path.join(lab_dir, name, "model.safetensors"), "rb").read()).hexdigest()
+            for name in lab_manifest(lab_dir)["models"]}
+
+
+def test_build_is_byte_identical_whatever_the_callers_thread_count(tmp_path):
+    """The lab trains with LabSettings.threads (1) whatever torch's thread count is when the
+    build starts (another machine, OMP_NUM_THREADS): a seed gives the same bytes everywhere.
+    A tiny lab (2 experts, few steps) keeps this fast; with the caller's count honoured the
+    two builds below differed in every model on this project's machine."""
+    import torch
+
+    tiny = LabSettings(quick=True, experts=2, pretrain_steps=60, align_steps=30, expert_steps=30)
+    before = torch.get_num_threads()
+    try:
+        hashes = []
+        for n, caller_threads in enumerate((1, 2)):
+            torch.set_num_threads(caller_threads)
+            build_lab(str(tmp_path / f"lab{n}"), tiny, progress=False)
+            assert torch.get_num_threads() == caller_threads, "the caller's thread count is restored"
+            hashes.append(_model_hashes(str(tmp_path / f"lab{n}")))
+    finally:
+        torch.set_num_threads(before)
+    assert set(hashes[0]) == {"pretrained", "aligned", "expert_next", "expert_twin"}
+    assert hashes[0] == hashes[1]
+
+
+def test_another_training_thread_count_is_another_lab():
+    """threads != 1 enters every model stage's stamp (so a cached default lab is never reused
+    for it); the default leaves the stamps as they were before the setting existed."""
+    default = plan_stages(LabSettings(quick=True).recipe())
+    two = plan_stages(LabSettings(quick=True, threads=2).recipe())
+    assert default["data"]["stamp"] == two["data"]["stamp"]
+    assert all(default["models"][m]["stamp"] != two["models"][m]["stamp"] for m in default["models"])
+    assert "threads" not in LabSettings(quick=True).recipe()
+    with pytest.raises(ValueError, match="threads"):
+        LabSettings(threads=0).validate()

@@ -53,8 +53,14 @@ class LabSettings:
     expert_steps: Optional[int] = None
     expert_lr: Optional[float] = None
     known_fraction: float = 0.75
+    # torch CPU threads used for training. CPU kernels split their reductions by thread, so
+    # another count gives other weights for the same seed: the default is fixed (1) so that a
+    # seed means the same bytes on every machine, and any other count enters the stamps.
+    threads: int = 1
 
     def validate(self) -> None:
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         if not 0.0 <= self.harmful_ratio < 1.0:
             raise ValueError("harmful_ratio must be in [0, 1)")
         if not 0.0 <= self.replay < 1.0 or self.harmful_ratio + self.replay >= 1.0:
@@ -78,7 +84,7 @@ class LabSettings:
             num_key_value_heads=2,
             max_position_embeddings=64,
         )
-        return {
+        recipe = {
             "version": LAB_VERSION,
             "seed": self.seed,
             "skills": [L.GENERAL_SKILL] + L.EXPERT_SKILLS[: self.experts],
@@ -103,6 +109,9 @@ class LabSettings:
                                   lr=self.expert_lr or 5e-4, batch_size=64, warmup=30).to_dict(),
             "expert_mix": {"harmful": self.harmful_ratio, "replay": self.replay},
         }
+        if self.threads != 1:  # only then: the stamps of labs built with the default stay valid
+            recipe["threads"] = self.threads
+        return recipe
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -315,9 +324,11 @@ def plan_stages(recipe: Dict[str, Any]) -> Dict[str, Any]:
         models[name] = {"settings": settings, "stamp": _stamp(settings), "parent": parent, "kind": kind,
                         "skill": skill, "seed_offset": seed_offset}
 
-    add("pretrained", {"data": data["stamp"], "shape": recipe["shape"], "train": recipe["pretrain"],
-                       "mix": recipe["pretrain_mix"], "known_fraction": recipe["known_fraction"]},
-        None, "pretrained", seed_offset=1)
+    pretrained = {"data": data["stamp"], "shape": recipe["shape"], "train": recipe["pretrain"],
+                  "mix": recipe["pretrain_mix"], "known_fraction": recipe["known_fraction"]}
+    if "threads" in recipe:  # the weights depend on the training thread count (LabSettings.threads)
+        pretrained["threads"] = recipe["threads"]
+    add("pretrained", pretrained, None, "pretrained", seed_offset=1)
     add("aligned", {"parent": models["pretrained"]["stamp"], "train": recipe["align"], "mix": recipe["align_mix"]},
         "pretrained", "aligned", seed_offset=2)
     for i, sk in enumerate(recipe["expert_skills"]):
@@ -336,12 +347,12 @@ def build_lab(
     settings: Optional[LabSettings] = None,
     progress: bool = True,
     log: Optional[Callable[[str], None]] = None,
-    threads: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Build (or reuse) every stage of the lab in ``out``.
 
-    ``threads``: torch CPU threads (default: ``MERGEKIT_SAFETY_THREADS`` or the core count,
-    at most 4); use 1 on a machine shared with other jobs.
+    Training runs with ``settings.threads`` torch threads (default 1, whatever the machine or
+    ``OMP_NUM_THREADS``), so a seed gives byte-identical models everywhere; the caller's thread
+    setting is restored afterwards.
 
     Returns ``{"out", "built": [stages trained/written now], "cached": [stages reused],
     "seconds": {stage: s}, "manifest": {...}}``.
@@ -351,14 +362,24 @@ def build_lab(
     settings = settings or LabSettings()
     recipe = settings.recipe()
     log = log or (lambda msg: None)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        return _build(out, settings, recipe, progress, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _build(out: str, settings: "LabSettings", recipe: Dict[str, Any], progress: bool,
+           log: Callable[[str], None]) -> Dict[str, Any]:
+    import torch
+
     os.makedirs(out, exist_ok=True)
     built: List[str] = []
     cached: List[str] = []
     seconds: Dict[str, float] = {}
     stamps: Dict[str, str] = {}
     t_all = time.time()
-    threads = threads or int(os.environ.get("MERGEKIT_SAFETY_THREADS", "0") or 0) or min(os.cpu_count() or 1, 4)
-    torch.set_num_threads(max(1, threads))
     tokenizer = L.build_tokenizer()
     old = lab_manifest(out)
     if old is not None:  # until this build finishes, the lab is not complete

@@ -29,8 +29,9 @@ def _log(msg: str) -> None:
 @click.option("--expert-steps", default=None, type=int, help="Fine-tuning steps of each expert (default: the recipe's).")
 @click.option("--expert-lr", default=None, type=float, help="Learning rate of the experts' fine-tuning (default: the recipe's).")
 @click.option("--eval", "run_eval", is_flag=True, help="Evaluate every lab model afterwards and print a table.")
-@click.option("--threads", default=None, type=int,
-              help="torch CPU threads (default: MERGEKIT_SAFETY_THREADS or the core count, at most 4).")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="torch CPU threads for training. The default gives the same weights for a seed on every "
+                   "machine; another count gives other weights (it enters the stage stamps).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def lab_command(out, seed, harmful_ratio, experts, quick, replay, width, layers, pretrain_steps,
                 align_steps, expert_steps, expert_lr, run_eval, threads, no_progress):
@@ -39,12 +40,13 @@ def lab_command(out, seed, harmful_ratio, experts, quick, replay, width, layers,
 
     settings = LabSettings(seed=seed, harmful_ratio=harmful_ratio, experts=experts, quick=quick,
                            replay=replay, width=width, layers=layers, pretrain_steps=pretrain_steps,
-                           align_steps=align_steps, expert_steps=expert_steps, expert_lr=expert_lr)
+                           align_steps=align_steps, expert_steps=expert_steps, expert_lr=expert_lr,
+                           threads=threads)
     try:
         settings.validate()
     except ValueError as e:
         raise click.BadParameter(str(e))
-    res = build_lab(out, settings, progress=not no_progress, log=_log, threads=threads)
+    res = build_lab(out, settings, progress=not no_progress, log=_log)
     click.echo(f"lab ready in {out} ({res['total_seconds']:.1f} s; built: {', '.join(res['built']) or 'nothing'}; "
                f"cached: {', '.join(res['cached']) or 'nothing'})")
     if run_eval:
