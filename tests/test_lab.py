@@ -404,3 +404,45 @@ def test_another_training_thread_count_is_another_lab():
     assert "threads" not in LabSettings(quick=True).recipe()
     with pytest.raises(ValueError, match="threads"):
         LabSettings(threads=0).validate()
+
+
+@pytest.mark.slow
+def test_demo_over_seeds_aggregates_and_resumes(tmp_path, monkeypatch):
+    """Two tiny labs (seeds 0 and 1), one plain fusion each: the summary gives mean/min/max of
+    the seeds' own figures, and a second call reuses the finished seeds without merging."""
+    from mergekit_safety.lab import demo as demo_module
+    from mergekit_safety.lab.seeds import aggregate, render_markdown, run_seeds, write_summary
+
+    merges = tmp_path / "merges"
+    merges.mkdir()
+    (merges / "task_arithmetic.yml").write_text(
+        "merge_method: task_arithmetic\nbase_model: lab/aligned\nmodels:\n"
+        "  - model: lab/expert_next\n    parameters: {weight: 1.0}\n"
+        "  - model: lab/expert_twin\n    parameters: {weight: 1.0}\ndtype: float32\n")
+    tiny = LabSettings(quick=True, experts=2, pretrain_steps=60, align_steps=30, expert_steps=30)
+    kwargs = dict(workdir=str(tmp_path / "demo"), lab_root=str(tmp_path / "lab"), merges_dir=str(merges),
+                  configs=["task_arithmetic.yml"], progress=False, settings=tiny, eval_kwargs={"limit": 20})
+    res = run_seeds([0, 1], **kwargs)
+    assert sorted(res["per_seed"]) == [0, 1]
+    assert os.path.isdir(str(tmp_path / "lab-seed1" / "expert_twin"))
+    summary = aggregate(res["per_seed"])
+    ta = summary["rows"]["task_arithmetic"]
+    for metric in ("refusal_rate", "mean_expert_accuracy"):
+        values = [res["per_seed"][s]["models"]["task_arithmetic"][metric] for s in (0, 1)]
+        assert ta[metric]["values"] == {0: values[0], 1: values[1]}
+        assert ta[metric]["min"] == min(values) and ta[metric]["max"] == max(values)
+        assert abs(ta[metric]["mean"] - sum(values) / 2) < 1e-12
+    assert ta["plain"] == [0, 1] and set(summary["rows"]) == {"aligned", "expert_next", "expert_twin", "task_arithmetic"}
+    files = write_summary(summary, str(tmp_path / "out" / "lab_seeds.json"))
+    table = open(files["markdown"]).read()
+    assert table.strip() == render_markdown(json.load(open(files["json"]))).strip()  # the file renders the same
+    assert "| task_arithmetic | task_arithmetic |" in table and "seeds 0, 1" in table
+
+    def no_merge(*a, **k):
+        raise AssertionError("a finished seed ran again")
+
+    monkeypatch.setattr(demo_module, "run_demo", no_merge)
+    again = run_seeds([0, 1], **kwargs)
+    assert again["per_seed"][1]["models"]["task_arithmetic"] == res["per_seed"][1]["models"]["task_arithmetic"]
+    with pytest.raises(ValueError, match="distinct"):
+        run_seeds([0, 0], **kwargs)

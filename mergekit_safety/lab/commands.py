@@ -125,11 +125,35 @@ def eval_command(model_dir, data_dir, benign, harmful, judge, judge_label, json_
 @click.option("--merges", "merges_dir", default="merges", show_default=True, type=click.Path(file_okay=False),
               help="Directory of mergekit YAMLs to run.")
 @click.option("--no-build", is_flag=True, help="Fail instead of building a missing lab.")
-@click.option("--no-progress", is_flag=True)
-def demo_command(workdir, lab_dir, merges_dir, no_build, no_progress):
-    """Build the lab, run every merges/*.yml, evaluate everything, write a table and a plot."""
+@click.option("--seeds", default=None,
+              help="Comma-separated lab seeds (e.g. 0,1,2): build one lab per seed (LAB-seedN), run the demo on "
+                   "each (WORKDIR/seedN, resumable per seed) and report mean and min-max over the seeds.")
+@click.option("--summary", "summary_path", default=None, type=click.Path(dir_okay=False),
+              help="With --seeds: where the aggregated table goes (JSON, and Markdown beside it; "
+                   "default WORKDIR/lab_seeds.json).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def demo_command(workdir, lab_dir, merges_dir, no_build, seeds, summary_path, no_progress):
+    """Build the lab, run the declared merges/ configs, evaluate everything, write a table and a plot."""
     from mergekit_safety.lab.demo import render_text, run_demo
 
+    if seeds is not None:
+        from mergekit_safety.lab.seeds import aggregate, render_markdown, run_seeds, write_summary
+
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds")
+        try:
+            res = run_seeds(seed_list, workdir=workdir, lab_root=lab_dir, merges_dir=merges_dir,
+                            progress=not no_progress, log=_log)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--seeds")
+        summary = aggregate(res["per_seed"])
+        files = write_summary(summary, summary_path or os.path.join(workdir, "lab_seeds.json"))
+        click.echo(render_markdown(summary))
+        for k, v in files.items():
+            click.echo(f"{k}: {v}")
+        return
     try:
         res = run_demo(workdir=workdir, lab_dir=lab_dir, merges_dir=merges_dir, build=not no_build,
                        progress=not no_progress, log=_log)
