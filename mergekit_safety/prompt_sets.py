@@ -296,13 +296,24 @@ def open_source(
             return _Source(pkg, folder=folder)
         raise SourceError(f"{pkg.spec}: {folder} holds neither its wheel ({pkg.wheel_prefix()}*.whl) "
                           f"nor its extracted files (missing: {', '.join(missing) or 'none named'})")
+    return _Source(pkg, wheel=cached_wheel(pkg, cache, download))
+
+
+def cached_wheel(
+    pkg: WheelSource,
+    cache: Optional[PathLike] = None,
+    download: Optional[Callable[[WheelSource, PathLike], Path]] = None,
+) -> Path:
+    """Path of ``pkg``'s verified wheel in ``cache`` (default :func:`cache_dir`): the cached
+    file if its hash matches (a mismatching one is discarded), else ``download`` (default
+    :func:`pip_download`) into a temporary folder, checked, then moved into the cache."""
     cache = Path(cache) if cache is not None else cache_dir()
     wheel = _find_wheel(pkg, cache)
     if wheel is not None:
         try:
             _check_hash(pkg, wheel)
             log.info("%s: using cached wheel %s", pkg.spec, wheel)
-            return _Source(pkg, wheel=wheel)
+            return wheel
         except SourceError as e:
             log.warning("%s; discarding the cached file and downloading again", e)
             wheel.unlink()
@@ -315,7 +326,7 @@ def open_source(
         os.replace(got, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _Source(pkg, wheel=final)
+    return final
 
 
 # ----------------------------------------------------------------------------------------------

