@@ -344,7 +344,7 @@ def test_dpo_reference_options(family, data):
     tokenizer = load_tokenizer(family["base"])
     ids, att, resp, n = encode_pairs(data["pairs"], tokenizer, 64)
     fusion = FunctionalFusion(family["base"], experts_of(family), settings_for(family, data), progress=False)
-    of = lambda kind, **kw: reference_logps(settings_for(family, data, reference=kind), family["base"], ids, att, resp, 8, **kw)
+    of = lambda kind, **kw: reference_logps(settings_for(family, data, reference=kind), family["base"], [(ids, att, resp)], 8, **kw)[0]
     aligned_model = AutoModelForCausalLM.from_pretrained(family["base"], dtype=torch.float32)
     with torch.no_grad():
         expected_aligned = sequence_logps(aligned_model(input_ids=ids, attention_mask=att).logits, ids, resp)
@@ -353,6 +353,18 @@ def test_dpo_reference_options(family, data):
     torch.testing.assert_close(of("fusion", fusion=fusion), expected_fusion, rtol=1e-4, atol=1e-3)
     assert torch.equal(of("none"), torch.zeros(2 * n))
     assert not torch.allclose(expected_aligned, expected_fusion, atol=1e-2)  # the options differ here
+    # several sets (safety and benign pairs): the aligned model is loaded once for all of them
+    loads = []
+    original = AutoModelForCausalLM.from_pretrained
+    AutoModelForCausalLM.from_pretrained = lambda *a, **k: loads.append(a) or original(*a, **k)
+    try:
+        two = reference_logps(settings_for(family, data, reference="aligned"), family["base"],
+                              [(ids, att, resp), (ids[:2], att[:2], resp[:2])], 8)
+    finally:
+        AutoModelForCausalLM.from_pretrained = original
+    assert len(loads) == 1
+    torch.testing.assert_close(two[0], expected_aligned, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(two[1], expected_aligned[:2], rtol=1e-4, atol=1e-3)
     # and training uses the chosen reference: different logits for different references
     learned = {
         kind: train_mask(family["base"], experts_of(family), settings_for(family, data, reference=kind, steps=3, lr=0.05), progress=False)[0]

@@ -49,7 +49,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -510,15 +510,16 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
         benign = encode_benign_pairs(settings.utility_data, settings.preference_data, tokenizer, settings.max_length)
 
     batch = min(settings.batch_size, n_pairs)
-    # The aligned reference is computed before the fusion is built: one model in memory at a time.
-    ref = reference_logps(settings, base_path, ids, att, resp, batch) if settings.reference == "aligned" else None
-    benign_ref = (reference_logps(settings, base_path, *benign[:3], batch)
-                  if benign is not None and settings.reference == "aligned" else None)
+    # Reference log-probs of the safety pairs and (with benign_weight) of the benign pairs. The
+    # aligned reference is computed before the fusion is built, in one load of the aligned model
+    # for both sets: one model in memory at a time.
+    sets = [(ids, att, resp)] + ([tuple(benign[:3])] if benign is not None else [])
+    refs = reference_logps(settings, base_path, sets, batch) if settings.reference == "aligned" else None
     fusion = FunctionalFusion(base_path, expert_paths, settings, progress=progress)
-    if ref is None:
-        ref = reference_logps(settings, base_path, ids, att, resp, batch, fusion=fusion)
-    if benign is not None and benign_ref is None:
-        benign_ref = reference_logps(settings, base_path, *benign[:3], batch, fusion=fusion)
+    if refs is None:
+        refs = reference_logps(settings, base_path, sets, batch, fusion=fusion)
+    ref = refs[0]
+    benign_ref = refs[1] if benign is not None else None
     ref_chosen, ref_rejected = ref[:n_pairs], ref[n_pairs:]
     chosen_tokens = resp[:n_pairs, 1:].sum(1).clamp(min=1).float()  # response tokens per chosen answer
 
@@ -739,12 +740,14 @@ class StoppingRule:
 
 
 @torch.no_grad()
-def reference_logps(settings, base_path: str, ids, att, resp, batch: int, fusion=None) -> torch.Tensor:
-    """DPO reference log-probs of every row (N chosen then N rejected), per ``settings.reference``:
-    the unmasked fusion (``fusion``, needs the FunctionalFusion), the base/aligned model
-    (``aligned``, loaded here on the training device and released) or zeros (``none``)."""
+def reference_logps(settings, base_path: str, sets: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                    batch: int, fusion=None) -> List[torch.Tensor]:
+    """DPO reference log-probs of every row of each ``(ids, att, resp)`` set (N chosen then N
+    rejected), per ``settings.reference``: the unmasked fusion (``fusion``, needs the
+    FunctionalFusion), the base/aligned model (``aligned``, loaded once here on the training
+    device for all sets and released) or zeros (``none``)."""
     if settings.reference == "none":
-        return torch.zeros(ids.shape[0])
+        return [torch.zeros(ids.shape[0]) for ids, _, _ in sets]
     if settings.reference == "aligned":
         from transformers import AutoModelForCausalLM
 
@@ -761,11 +764,15 @@ def reference_logps(settings, base_path: str, ids, att, resp, batch: int, fusion
             return fusion.response_logps(None, i, a, r)
     else:
         raise SOMFTrainingError(f"somf: unknown reference {settings.reference!r} (fusion, aligned or none)")
-    out = []
-    for start in range(0, ids.shape[0], batch):
-        b_ids, b_att, b_resp = _trim(ids[start:start + batch], att[start:start + batch], resp[start:start + batch])
-        out.append(run(b_ids, b_att, b_resp).cpu())
-    return torch.cat(out)
+    results = []
+    with torch.no_grad():
+        for ids, att, resp in sets:
+            out = []
+            for start in range(0, ids.shape[0], batch):
+                b_ids, b_att, b_resp = _trim(ids[start:start + batch], att[start:start + batch], resp[start:start + batch])
+                out.append(run(b_ids, b_att, b_resp).cpu())
+            results.append(torch.cat(out))
+    return results
 
 
 def mask_entropy(logits: torch.Tensor) -> torch.Tensor:
