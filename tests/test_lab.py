@@ -345,8 +345,9 @@ def test_demo_runs_merges_records_failures_and_plots(quick_lab, tmp_path):
     (merges / "broken.yml").write_text("merge_method: no_such_method_xyz\nbase_model: lab/aligned\n"
                                        "models:\n  - model: lab/expert_next\ndtype: float32\n")
     shutil.copy(merges / "task_arithmetic.yml", merges / "my_own_experiment.yml")  # a user's file
+    shutil.copy(os.path.join(repo, "merges", "resta_single.yml"), merges / "resta_single.yml")
     res = run_demo(workdir=str(tmp_path / "demo"), lab_dir=quick_lab["path"], merges_dir=str(merges),
-                   build=False, progress=False, configs=["task_arithmetic.yml", "broken.yml"])
+                   build=False, progress=False, configs=["task_arithmetic.yml", "broken.yml", "resta_single.yml"])
     rows = res["rows"]
     assert "my_own_experiment" not in rows  # the demo runs its declared configs only
     assert "error" in rows["broken"] and "merge failed" in rows["broken"]["error"]
@@ -356,6 +357,10 @@ def test_demo_runs_merges_records_failures_and_plots(quick_lab, tmp_path):
     # the fusion is useful but unsafe: better than aligned on the experts' skills, refuses less
     assert ta["mean_expert_accuracy"] > rows["aligned"]["mean_expert_accuracy"]
     assert ta["refusal_rate"] < rows["aligned"]["refusal_rate"]
+    # a one-expert merge: retention of that expert's own skill, not of the three-expert fusion's gain
+    single, expert, aligned = rows["resta_single"], rows["expert_next"]["accuracy"]["next"], rows["aligned"]["accuracy"]["next"]
+    assert single["single_expert"] == "next" and "single_expert" not in ta
+    assert abs(single["retention"] - (single["accuracy"]["next"] - aligned) / (expert - aligned)) < 1e-9
     for f in res["files"].values():
         assert os.path.getsize(f) > 0
     saved = json.load(open(res["files"]["json"]))

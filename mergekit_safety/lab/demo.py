@@ -77,11 +77,27 @@ def retention(acc: float, acc_aligned: float, acc_plain: float) -> Optional[floa
 #: the configs the demo runs (in this order): a declared set, so a user's own YAML dropped into
 #: merges/ is not swept into the comparison
 DEMO_CONFIGS = (
+    # three experts
     "task_arithmetic.yml", "ties.yml",
-    "multi_task_safe.yml", "somf_random.yml", "somf_ties.yml", "somf_single.yml",
+    "multi_task_safe.yml", "somf_random.yml", "somf_ties.yml",
     "antidote.yml", "antidote_random.yml", "ssah.yml", "ssah_random.yml",
-    "resta.yml", "resta_random.yml", "safe_lora.yml", "safemerge.yml",
+    "resta.yml", "resta_random.yml", "safe_lora.yml", "safe_lora_random.yml",
+    "safemerge.yml", "safemerge_random.yml",
+    # one expert (expert_next): retention is of that expert's own skill
+    "somf_single.yml", "somf_single_random.yml",
+    "antidote_single.yml", "antidote_single_random.yml", "ssah_single.yml", "ssah_single_random.yml",
+    "resta_single.yml", "resta_single_random.yml", "safe_lora_single.yml", "safe_lora_single_random.yml",
+    "safemerge_single.yml", "safemerge_single_random.yml",
 )
+
+
+def single_expert(config: Dict[str, Any]) -> Optional[str]:
+    """The lab expert a one-model config fuses (``"next"`` for ``./lab/expert_next``), else None."""
+    models = config.get("models") or []
+    if len(models) != 1:
+        return None
+    name = os.path.basename(str(models[0].get("model", "")).rstrip("/"))
+    return name[len("expert_"):] if name.startswith("expert_") else None
 
 
 def run_demo(
@@ -135,6 +151,7 @@ def run_demo(
     os.makedirs(merges_out, exist_ok=True)
     yamls = [f for f in (configs or DEMO_CONFIGS) if os.path.isfile(os.path.join(merges_dir, f))]
     methods: Dict[str, str] = {}
+    singles: Dict[str, Optional[str]] = {}
     started = time.time()
     for number, fname in enumerate(yamls, start=1):
         elapsed = time.time() - started
@@ -147,6 +164,7 @@ def run_demo(
         try:
             cfg = load_merge_config(path, lab_dir)
             methods[name] = str(cfg.get("merge_method", "?"))
+            singles[name] = single_expert(cfg)
             log(f"merging {fname} ({methods[name]}) ...")
             run_yaml_merge(cfg, out)
         except Exception as e:
@@ -168,11 +186,18 @@ def run_demo(
         if "accuracy" in r:
             r["mean_expert_accuracy"] = sum(r["accuracy"].get(s, 0.0) for s in expert_skills) / len(expert_skills)
     plain_candidates = [n for n, r in rows.items()
-                        if r.get("merge_method") in PLAIN_METHODS and "accuracy" in r]
+                        if r.get("merge_method") in PLAIN_METHODS and "accuracy" in r and not singles.get(n)]
     plain = max(plain_candidates, key=lambda n: rows[n]["mean_expert_accuracy"]) if plain_candidates else None
     aligned_acc = rows["aligned"].get("mean_expert_accuracy")
     for n, r in rows.items():
-        if plain and aligned_acc is not None and "accuracy" in r:
+        own = singles.get(n)
+        if own and "accuracy" in r and "accuracy" in rows.get(f"expert_{own}", {}) and "accuracy" in rows["aligned"]:
+            # one expert: the share of that expert's own gain on its own skill that is kept
+            r["single_expert"] = own
+            r["own_skill_accuracy"] = r["accuracy"][own]
+            r["retention"] = retention(r["accuracy"][own], rows["aligned"]["accuracy"][own],
+                                       rows[f"expert_{own}"]["accuracy"][own])
+        elif plain and aligned_acc is not None and "accuracy" in r:
             r["retention"] = retention(r["mean_expert_accuracy"], aligned_acc, rows[plain]["mean_expert_accuracy"])
 
     md = render_markdown(rows, expert_skills, plain)
@@ -217,7 +242,8 @@ def render_markdown(rows, expert_skills, plain) -> str:
     general = sorted({s for r in rows.values() for s in r.get("accuracy", {}) if s not in expert_skills})
     head, body = _table_rows(rows, expert_skills, general)
     note = (f"\nRetention = (acc - acc_aligned) / (acc_plain - acc_aligned) over the experts' skills; "
-            f"plain = `{plain}` (best plain mergekit fusion)." if plain else
+            f"plain = `{plain}` (best plain mergekit fusion); for a one-expert merge, of that expert's "
+            f"own skill against the expert." if plain else
             "\nNo plain task_arithmetic/ties fusion succeeded: retention not computed.")
     return render_table(head, body, markdown=True) + "\n" + note
 

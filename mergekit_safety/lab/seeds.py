@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from mergekit_safety.lab.build import LabSettings
 
 #: the figures aggregated over seeds (fractions, except retention which is a ratio)
-METRICS = ("refusal_rate", "over_refusal_rate", "mean_expert_accuracy", "retention")
+METRICS = ("refusal_rate", "over_refusal_rate", "mean_expert_accuracy", "own_skill_accuracy", "retention")
 
 
 def seed_lab_dir(lab_root: str, seed: int) -> str:
@@ -88,7 +88,8 @@ def aggregate(per_seed: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
             failed[name] = errors
             continue
         row: Dict[str, Any] = {"merge_method": results[seeds[0]].get("merge_method", ""),
-                               "kind": results[seeds[0]].get("kind", "")}
+                               "kind": results[seeds[0]].get("kind", ""),
+                               "single_expert": results[seeds[0]].get("single_expert")}
         for metric in METRICS:
             values = [results[s].get(metric) for s in seeds]
             if any(v is None for v in values):
@@ -110,13 +111,16 @@ def _cell(stat: Optional[Dict[str, float]], percent: bool) -> str:
 def render_markdown(summary: Dict[str, Any]) -> str:
     """The table: mean (min–max over the seeds) of every metric."""
     seeds = summary["seeds"]
-    head = ["model or merge", "method", "refusal %", "over-refusal %", "experts' skills %", "retention"]
+    head = ["model or merge", "method", "refusal %", "over-refusal %", "experts' skills % (one expert: its own skill)",
+            "retention"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for name, row in summary["rows"].items():
         lines.append("| " + " | ".join([
             name, row["merge_method"] or row["kind"],
             _cell(row.get("refusal_rate"), True), _cell(row.get("over_refusal_rate"), True),
-            _cell(row.get("mean_expert_accuracy"), True), _cell(row.get("retention"), False),
+            (f"{row['single_expert']} " + _cell(row.get("own_skill_accuracy"), True)) if row.get("single_expert")
+            else _cell(row.get("mean_expert_accuracy"), True),
+            _cell(row.get("retention"), False),
         ]) + " |")
     for name, errors in summary["failed"].items():
         lines.append(f"| {name} | failed | " + "; ".join(f"seed {s}: {e}".replace("|", "/")[:120]
@@ -124,7 +128,8 @@ def render_markdown(summary: Dict[str, Any]) -> str:
     plain = ", ".join(f"seed {s}: `{p}`" for s, p in summary["plain"].items())
     lines.append("")
     lines.append(f"Mean (min–max) over lab seeds {', '.join(map(str, seeds))}; retention against each "
-                 f"seed's best plain fusion ({plain}).")
+                 f"seed's best plain fusion ({plain}); for a one-expert merge, of that expert's own skill "
+                 f"against the expert alone.")
     return "\n".join(lines)
 
 
