@@ -235,3 +235,21 @@ def test_linear_weight_names(family):
         "model.layers.1.mlp.down_proj.weight",
     ]
     assert len(linear_weight_names(family["base"])) == 14
+
+
+def test_device_option(family):
+    """`device` places the forward passes; on this CPU machine: 'cpu' given explicitly is the
+    default, and a device that does not exist here (or is not a device) is a clear error
+    before any weight is read. (The accelerator path itself runs in scripts/gpu_check.sh.)"""
+    examples = random_examples(count=5, seed=4)
+    default = collect_statistics(family["expert0"], examples, batch_size=2, progress=False)
+    explicit = collect_statistics(family["expert0"], examples, batch_size=2, progress=False, device="cpu")
+    for name in default:
+        assert torch.equal(default[name].sum_sq, explicit[name].sum_sq) and default[name].count == explicit[name].count
+    with pytest.raises(CalibrationError, match="not a device name"):
+        collect_statistics(family["expert0"], examples, progress=False, device="gpu0")
+    with pytest.raises(CalibrationError, match="holds no data"):
+        collect_statistics(family["expert0"], examples, progress=False, device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(CalibrationError, match="no CUDA device"):
+            collect_statistics(family["expert0"], examples, progress=False, device="cuda")

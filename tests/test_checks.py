@@ -57,6 +57,8 @@ def test_out_of_range_and_invalid_values(family, tmp_path):
     problems = problems_of(tmp_path, text)
     assert any("'backbone': invalid value 'tie'" in p for p in problems)
     assert sum("'density': invalid value 1.5" in p for p in problems) == 2
+    problems = problems_of(tmp_path, merge_yaml("antidote", family, ["expert0"], "  device: gpu\n"))
+    assert any("'device': invalid value 'gpu'" in p for p in problems), problems
 
 
 def test_missing_files_and_models(family, tmp_path):

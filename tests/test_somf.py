@@ -265,6 +265,9 @@ def test_without_data_the_method_is_the_plain_backbone(family, tmp_path, caplog)
 def test_bad_settings_are_named(family, data, tmp_path):
     with pytest.raises(SOMFTrainingError, match=r"`modules` entry 'nothing_like_this' matches no tensor"):
         train_mask(family["base"], experts_of(family), settings_for(family, data, modules="nothing_like_this"), progress=False)
+    if not torch.cuda.is_available():  # a device this machine lacks: named before any model loads
+        with pytest.raises(SOMFTrainingError, match=r"device 'cuda:1': no CUDA device"):
+            train_mask(family["base"], experts_of(family), settings_for(family, data, device="cuda:1"), progress=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "copy apple", "chosen": "apple"}\n')
     with pytest.raises(Exception, match=r"bad.jsonl:1: missing key 'rejected'"):

@@ -77,9 +77,10 @@ def block_moments(x: torch.Tensor) -> BlockMoments:
     if n == 0:
         zeros = torch.zeros(x.shape[1], dtype=torch.float64)
         return 0, zeros, zeros, zeros
-    x = x.detach().to(device="cpu", dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    # reduced where the activations are (an accelerator's memory); only the vectors come back
+    x = x.detach().to(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     variance, mean = torch.var_mean(x, dim=0, correction=0)
-    variance, mean = variance.to(torch.float64), mean.to(torch.float64)
+    variance, mean = variance.to("cpu", torch.float64), mean.to("cpu", torch.float64)
     return n, n * (variance + mean * mean), mean, n * variance
 
 
@@ -364,6 +365,7 @@ def collect_statistics(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     description: str = "calibration",
+    device: str = "cpu",
 ) -> Dict[str, ChannelStats]:
     """Per-input-channel statistics of the selected decoder-layer Linear modules.
 
@@ -371,27 +373,32 @@ def collect_statistics(
     ``examples``: dicts with ``prompt`` and ``response`` (encoded with the model's tokenizer /
     chat template), or pre-encoded dicts with ``input_ids`` (+ optional ``response_mask``).
     ``token_scope``: ``"response"`` (response tokens only) or ``"all"`` (every non-padding
-    token). Returns ``{weight name: ChannelStats}``, weight names as in the checkpoint (e.g.
-    ``model.layers.0.mlp.down_proj.weight``).
+    token). ``device``: where the forward passes run (``cpu``, ``cuda``, ``cuda:1``, ...); in
+    streaming mode one decoder layer at a time is moved there. The statistics always end up on
+    the CPU in float64. Returns ``{weight name: ChannelStats}``, weight names as in the
+    checkpoint (e.g. ``model.layers.0.mlp.down_proj.weight``).
     """
     from transformers import AutoConfig
 
     if batch_size < 1:
         raise CalibrationError("batch_size must be >= 1")
+    device = resolve_device(device)
     config = AutoConfig.from_pretrained(model_path)
     if tokenizer is None and any("input_ids" not in e for e in examples):
         tokenizer = load_tokenizer(model_path)
     if not max_length:
         max_length = default_max_length(config)
     encoded = encode_examples(tokenizer, examples, max_length=max_length)
-    batches = _batches(encoded, batch_size, pad_id(tokenizer, config), token_scope)
+    batches = [tuple(t.to(device) for t in batch)
+               for batch in _batches(encoded, batch_size, pad_id(tokenizer, config), token_scope)]
     if weights is None:
         weights = SafetensorsSource(model_path) if streaming else None
     with torch.inference_mode():
         if streaming:
-            stats = _collect_streaming(config, weights, batches, modules, dtype, progress, description)
+            stats = _collect_streaming(config, weights, batches, modules, dtype, progress, description, device)
         else:
-            stats = _collect_in_memory(model_path, config, weights, batches, modules, dtype, progress, description)
+            stats = _collect_in_memory(model_path, config, weights, batches, modules, dtype, progress, description,
+                                       device)
     return {f"{name}.weight": value for name, value in stats.items()}
 
 
@@ -517,7 +524,28 @@ class _Catcher(torch.nn.Module):
         return hidden_states
 
 
-def _collect_streaming(config, source: WeightSource, batches, modules, dtype, progress: bool, description: str):
+def resolve_device(device: Any) -> torch.device:
+    """``device`` as a torch device that exists on this machine, or a CalibrationError that says
+    which device was asked for and why it cannot be used."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise CalibrationError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, mps, ...): {error}") from None
+    if resolved.type == "meta":
+        raise CalibrationError("device 'meta' holds no data: choose cpu or an accelerator")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CalibrationError(f"device {device!r}: no CUDA device is available on this machine (torch "
+                                   f"{torch.__version__}); use device: cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise CalibrationError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if resolved.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise CalibrationError(f"device {device!r}: MPS is not available on this machine; use device: cpu")
+    return resolved
+
+
+def _collect_streaming(config, source: WeightSource, batches, modules, dtype, progress: bool, description: str,
+                       device: torch.device = torch.device("cpu")):
     from tqdm.auto import tqdm
 
     model = _skeleton(config, dtype)
@@ -539,6 +567,9 @@ def _collect_streaming(config, source: WeightSource, batches, modules, dtype, pr
         if any(True for _ in child.parameters()):
             _load_module(child, f"{base_name}.{name}.", source, dtype, type(model).__name__)
     _rebuild_buffers(backbone, config, skip=(layers_attribute.split(".")[0],))
+    for name, child in backbone.named_children():
+        if name != layers_attribute:
+            child.to(device)
 
     # One pass of the model's own code with catchers: what each layer receives, per batch.
     carried: List[torch.Tensor] = []
@@ -573,6 +604,7 @@ def _collect_streaming(config, source: WeightSource, batches, modules, dtype, pr
     for index in range(last_needed + 1):
         layer = originals[index]
         _load_module(layer, f"{layers_name}.{index}.", source, dtype, f"layer {index}")
+        layer.to(device)
         for name, module in selected.get(index, {}).items():
             accumulator.attach(name, module)
         bar = tqdm(batches, desc=f"{description}: layer {index + 1}/{last_needed + 1}", leave=False, **_quiet(progress))
@@ -591,7 +623,8 @@ def _collect_streaming(config, source: WeightSource, batches, modules, dtype, pr
     return accumulator.stats
 
 
-def _collect_in_memory(model_path: str, config, source: Optional[WeightSource], batches, modules, dtype, progress: bool, description: str):
+def _collect_in_memory(model_path: str, config, source: Optional[WeightSource], batches, modules, dtype, progress: bool,
+                       description: str, device: torch.device = torch.device("cpu")):
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
@@ -608,6 +641,7 @@ def _collect_in_memory(model_path: str, config, source: Optional[WeightSource], 
         missing = [m for m in missing if m not in tied]
         if missing:
             raise CalibrationError(f"{source.describe()}: missing tensors {missing[:5]}")
+    model.to(device)
     model.eval()
     layers_name, layers = _find_layers(model)
     selected = _linear_modules(layers_name, layers, modules)

@@ -54,6 +54,7 @@ from mergekit_safety.fusion.settings import (
     PositiveInt,
     UnitInterval,
     setting,
+    DeviceName,
 )
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class AntidoteSettings(LocatingSettings):
     max_samples: NonNegativeInt = setting(0, "use the first N records of harmful_data (0 = all)", locate=True)
     max_length: NonNegativeInt = setting(0, "truncate calibration examples to N tokens (0 = the model's context length, at most 2048; a cut record is named in a warning)", locate=True)
     batch_size: PositiveInt = setting(8, "calibration batch size (does not change the result)")
+    device: DeviceName = setting("cpu", "device of the calibration pass (cpu, cuda, cuda:1, ...; one decoder layer at a time is moved there)")
     streaming: bool = setting(
         True,
         "calibrate layer by layer from the safetensors shards (peak memory ≈ one layer); "
@@ -261,6 +263,7 @@ class Antidote(LocatingFusionMethod):
                 streaming=bool(p.get("streaming", True)),
                 tokenizer=tokenizer,
                 max_length=int(p["max_length"]) or None,
+                device=p.get("device") or "cpu",
             )
 
         # (expert index or None, weight source, statistics) per target model

@@ -43,6 +43,7 @@ from mergekit_safety.fusion.settings import (
     PositiveInt,
     UnitInterval,
     setting,
+    DeviceName,
 )
 from mergekit_safety.methods.somf.masks import mask_from_logits, random_control_mask
 
@@ -104,7 +105,7 @@ class SOMFSettings(LocatingSettings):
     validation_share: UnitInterval = setting(0.125, "share of the pairs held aside for the stopping rule (never trained on)", locate=True)
     check_every: PositiveInt = setting(50, "steps between two checks of the stopping rule", locate=True)
     # execution (not recorded: they do not change the result beyond float rounding)
-    device: str = setting("cpu", "device of the mask training (cpu, cuda, cuda:1, ...)")
+    device: DeviceName = setting("cpu", "device of the mask training (cpu, cuda, cuda:1, ...)")
     dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "model dtype during mask training (logits stay float32)")
     offload_folder: str = setting("", "train with the unmasked modules offloaded to this folder (accelerate); empty = all in memory")
     threads: NonNegativeInt = setting(0, "torch CPU threads during mask training (0 = torch's default; 1 is fastest for tiny models)")

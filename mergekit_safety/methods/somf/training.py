@@ -489,6 +489,12 @@ def train_mask(base_path: str, expert_paths: Sequence[str], settings, progress: 
 def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress: bool):
     from tqdm.auto import tqdm
 
+    from mergekit_safety.engine.calibration import CalibrationError, resolve_device
+
+    try:  # a device this machine lacks fails here, before any model is loaded
+        resolve_device(settings.device)
+    except CalibrationError as error:
+        raise SOMFTrainingError(f"somf: {error}") from None
     started = time.time()
     torch.manual_seed(settings.train_seed)
     generator = torch.Generator().manual_seed(settings.train_seed)

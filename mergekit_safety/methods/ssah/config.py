@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from mergekit_safety.fusion.settings import DeclaredSettings, LocatingSettings, UnitInterval, setting
+from mergekit_safety.fusion.settings import DeclaredSettings, DeviceName, LocatingSettings, UnitInterval, setting
 
 KV_POLICIES = ("any", "all", "none")
 CONTROLS = ("none", "random")
@@ -37,6 +37,7 @@ class ScoreSettings(DeclaredSettings):
     max_samples: int = setting(128, "calibration samples per set", locate=True, ge=1)
     max_length: int = setting(256, "tokens per calibration sample", locate=True, ge=2)
     batch_size: int = setting(8, "calibration batch size (does not change the result)", ge=1)
+    device: DeviceName = setting("cpu", "device of the calibration passes (cpu, cuda, cuda:1, ...; one decoder layer at a time is moved there)")
     response_only: bool = setting(True, "statistics over response tokens only", locate=True)
 
 

@@ -354,6 +354,7 @@ def input_variances(model_dir: str, data_path: str, layout: UnitLayout, settings
         token_scope="response" if settings.response_only else "all",
         batch_size=settings.batch_size,
         max_length=settings.max_length,
+        device=settings.device,
         description=f"ssah statistics ({os.path.basename(data_path)})",
     )
     source = SafetensorsSource(model_dir)
