@@ -93,7 +93,9 @@ def select_masked(names: Iterable[str], spec: str, linear_names: set, shapes: Di
 
 def concrete_sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
     """Reparameterised RelaxedBernoulli(temperature, logits) sample (Gumbel-sigmoid)."""
-    uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float32).to(logits.device)
+    # drawn on the generator's device (an accelerator's own generator avoids moving a
+    # model-sized noise tensor to it every step), then used where the logits are
+    uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float32, device=generator.device).to(logits.device)
     uniform = uniform.clamp(1e-6, 1 - 1e-6)
     noise = torch.log(uniform) - torch.log1p(-uniform)
     return torch.sigmoid((logits + noise) / temperature)
@@ -498,6 +500,9 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
     started = time.time()
     torch.manual_seed(settings.train_seed)
     generator = torch.Generator().manual_seed(settings.train_seed)
+    # the Concrete noise: the CPU stream on a CPU (unchanged results), the device's own elsewhere
+    noise_generator = (generator if torch.device(settings.device).type == "cpu"
+                       else torch.Generator(device=settings.device).manual_seed(settings.train_seed))
     tokenizer = load_tokenizer(base_path)
     ids, att, resp, n_pairs = encode_pairs(settings.preference_data, tokenizer, settings.max_length)
     utility = None
@@ -573,7 +578,7 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
         rows = torch.cat([index, index + n_pairs])
         b_ids, b_att, b_resp = _trim(ids[rows], att[rows], resp[rows])
 
-        masks = fusion.sample_masks(generator)
+        masks = fusion.sample_masks(noise_generator)
         params = fusion.parameters_for(masks, exact=False)
         logps = fusion.response_logps(params, b_ids, b_att, b_resp)
         loss_dpo, accuracy = dpo_loss(logps[:batch], logps[batch:], ref_chosen[index].to(logps.device), ref_rejected[index].to(logps.device), settings.beta)
