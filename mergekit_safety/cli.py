@@ -155,14 +155,39 @@ def sweep_command(config, vary, out, data_dir, benign, harmful, limit, max_point
 
     from mergekit_safety.sweep import SweepError, run_sweep
 
+    import shlex
+
     if data_dir is None and (benign is None or harmful is None):
         data_dir = os.path.join("lab", "data")
+    command = shlex.join(["mergekit-safety", "sweep", config, *[a for v in vary for a in ("--vary", v)], "--out", out]
+                         + [a for flag, value in (("--data", data_dir), ("--benign", benign), ("--harmful", harmful),
+                                                  ("--limit", limit)) if value is not None for a in (flag, str(value))])
     try:
         result = run_sweep(config, vary, out, eval_kwargs=dict(data_dir=data_dir, benign=benign, harmful=harmful, limit=limit),
-                           max_points=max_points, yes=yes, keep=keep, log=lambda m: click.echo(m, err=True))
+                           max_points=max_points, yes=yes, keep=keep, log=lambda m: click.echo(m, err=True),
+                           command=command)
     except SweepError as error:
         raise click.ClickException(str(error)) from None
     click.echo(open(result["files"]["markdown"], encoding="utf-8").read())
+    click.echo("wrote " + ", ".join(result["files"].values()))
+
+
+@main.command("frontier")
+@click.argument("sweeps", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default="out/frontier.png", show_default=True, type=click.Path(dir_okay=False),
+              help="The combined figure (PNG); a Markdown table with every point and each sweep's command goes beside it.")
+def frontier_command(sweeps, out) -> None:
+    """One safety–utility figure of several finished SWEEPS folders (one line per sweep, its
+    random-control points as crosses)."""
+    import os
+
+    from mergekit_safety.sweep import SweepError, combine_frontiers
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    try:
+        result = combine_frontiers(sweeps, out, os.path.splitext(out)[0] + ".md")
+    except SweepError as error:
+        raise click.ClickException(str(error)) from None
     click.echo("wrote " + ", ".join(result["files"].values()))
 
 

@@ -157,8 +157,10 @@ def run_sweep(
     yes: bool = False,
     keep: bool = False,
     log: Optional[Callable[[str], None]] = None,
+    command: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Run (or resume) the sweep; return ``{"rows": [...], "files": {...}}``."""
+    """Run (or resume) the sweep; return ``{"rows": [...], "files": {...}}``. ``command``: how
+    to reproduce it, recorded in results.json (the combined frontier lists it)."""
     import yaml
 
     from mergekit_safety.lab.demo import retention, run_yaml_merge
@@ -230,16 +232,18 @@ def run_sweep(
     axis = "retention" if any(r.get("retention") is not None for r in points) else "mean_accuracy"
     for row, optimal in zip(points, pareto(points, "refusal_rate", axis)):
         row["pareto"] = optimal
-    files = write_outputs(out_dir, rows, axis, [n for n, _ in vary])
+    files = write_outputs(out_dir, rows, axis, [n for n, _ in vary],
+                          extra={"method": raw["merge_method"], "config": config_path, "command": command})
     return {"rows": rows, "files": files, "axis": axis}
 
 
-def write_outputs(out_dir: str, rows: List[Dict[str, Any]], axis: str, names: List[str]) -> Dict[str, str]:
+def write_outputs(out_dir: str, rows: List[Dict[str, Any]], axis: str, names: List[str],
+                  extra: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
     files = {"json": os.path.join(out_dir, "results.json"), "csv": os.path.join(out_dir, "results.csv"),
              "markdown": os.path.join(out_dir, "results.md"), "plot": os.path.join(out_dir, "frontier.png")}
     table = [{k: v for k, v in r.items() if k != "config"} for r in rows]
     with open(files["json"], "w", encoding="utf-8") as handle:
-        json.dump({"axis": axis, "rows": table}, handle, indent=2, default=str)
+        json.dump({"axis": axis, "varied": names, **(extra or {}), "rows": table}, handle, indent=2, default=str)
     head = ["label", *names, "refusal", "refusal 95% CI", "over-refusal", "mean accuracy", "retention", "pareto"]
 
     def cells(row):
@@ -289,6 +293,100 @@ def plot_frontier(rows: List[Dict[str, Any]], axis: str, path: str) -> None:
     ax.set_ylabel("refusal of harmful prompts (%), 95 % CI")
     ax.set_title("safety–utility frontier (black edge: Pareto-optimal)")
     ax.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------- several sweeps
+
+
+def _is_control(row: Dict[str, Any]) -> bool:
+    return str(row.get("point", {}).get("control", "none")) == "random"
+
+
+def combine_frontiers(sweep_dirs: Sequence[str], png_path: str, markdown_path: Optional[str] = None) -> Dict[str, Any]:
+    """One figure (and table) of several sweeps: each sweep's points as a line from its weakest
+    to its strongest setting, its random-control points (``control=random``) as crosses in the
+    same colour, the aligned model and the plain fusion of the first sweep as references."""
+    sweeps = []
+    for folder in sweep_dirs:
+        path = os.path.join(folder, "results.json")
+        try:
+            with open(path, "r", encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise SweepError(f"{path}: not a finished sweep ({error})") from None
+        sweeps.append((os.path.basename(os.path.normpath(folder)), data))
+    if not sweeps:
+        raise SweepError("no sweep folders given")
+    axes = {data["axis"] for _, data in sweeps}
+    if len(axes) != 1:
+        raise SweepError(f"the sweeps use different utility axes ({', '.join(sorted(axes))}): not one figure")
+    axis = axes.pop()
+    _plot_combined(sweeps, axis, png_path)
+    files = {"plot": png_path}
+    if markdown_path:
+        with open(markdown_path, "w", encoding="utf-8") as handle:
+            handle.write(combined_markdown(sweeps, axis))
+        files["markdown"] = markdown_path
+    return {"axis": axis, "sweeps": [name for name, _ in sweeps], "files": files}
+
+
+def combined_markdown(sweeps: Sequence[Tuple[str, Dict[str, Any]]], axis: str) -> str:
+    lines = ["| sweep | point | refusal % (95 % CI) | over-refusal % | " + ("retention" if axis == "retention" else "mean accuracy %")
+             + " | control | Pareto |", "|---|---|---:|---:|---:|---|---|"]
+    commands = []
+    for name, data in sweeps:
+        for row in data["rows"]:
+            low, high = row.get("refusal_interval") or (None, None)
+            value = row.get(axis)
+            lines.append("| " + " | ".join([
+                name, row["label"],
+                f"{_pct(row.get('refusal_rate'))} ({_pct(low)}–{_pct(high)})" if low is not None else _pct(row.get("refusal_rate")),
+                _pct(row.get("over_refusal_rate")),
+                "" if value is None else (f"{value:.2f}" if axis == "retention" else _pct(value)),
+                "random" if _is_control(row) else "", "yes" if row.get("pareto") else "",
+            ]) + " |")
+        if data.get("command"):
+            commands.append(f"* {name}: `{data['command']}`")
+    return "\n".join(lines) + ("\n\nReproduce:\n\n" + "\n".join(commands) if commands else "") + "\n"
+
+
+def _plot_combined(sweeps, axis: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(8.5, 6), dpi=110)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (name, data) in enumerate(sweeps):
+        colour = colours[index % len(colours)]
+        points = [r for r in data["rows"] if r["label"] not in ("aligned", "plain")
+                  and r.get(axis) is not None and r.get("refusal_rate") is not None]
+        learned = sorted((r for r in points if not _is_control(r)), key=lambda r: r[axis])
+        controls = [r for r in points if _is_control(r)]
+        for rows, marker, style, label in ((learned, "o", "-", name), (controls, "x", ":", f"{name} random control")):
+            if not rows:
+                continue
+            xs = [r[axis] for r in rows]
+            ys = [100 * r["refusal_rate"] for r in rows]
+            low = [100 * (r["refusal_rate"] - (r.get("refusal_interval") or (r["refusal_rate"],) * 2)[0]) for r in rows]
+            high = [100 * ((r.get("refusal_interval") or (r["refusal_rate"],) * 2)[1] - r["refusal_rate"]) for r in rows]
+            ax.errorbar(xs, ys, yerr=[low, high], fmt=marker + style, color=colour, ecolor=colour, alpha=0.9 if marker == "o" else 0.6,
+                        capsize=2, markersize=6, linewidth=1, label=label)
+    reference = sweeps[0][1]["rows"]
+    for label, marker in (("aligned", "s"), ("plain", "D")):
+        row = next((r for r in reference if r["label"] == label), None)
+        if row is not None and row.get(axis) is not None:
+            ax.scatter([row[axis]], [100 * row["refusal_rate"]], marker=marker, s=70, color="black", zorder=5,
+                       label="aligned model" if label == "aligned" else "plain fusion")
+    ax.set_xlabel("retention of the fusion's gain" if axis == "retention" else "mean accuracy")
+    ax.set_ylabel("refusal of held-out harmful prompts (%), 95 % CI")
+    ax.set_title("safety–utility frontier of every method (crosses: random controls)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

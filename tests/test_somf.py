@@ -205,6 +205,26 @@ def test_random_control_merge_has_the_learned_density(family, data, tmp_path):
     assert not torch.equal(control[name], learned[name])
 
 
+def test_mask_threshold_moves_along_one_artifact(family, data, tmp_path):
+    """mask_threshold: 1[s > t] from the same learned logits — t = 0 is the learned mask, a
+    threshold above every logit keeps nothing (the base), one below keeps everything (the
+    plain backbone); no new artifact is learned for any t."""
+    text = somf_yaml(family, data, "  modules: attention\n  lambda: 1.0\n")
+    learned = run_yaml(text, str(tmp_path / "a"))
+    zero = run_yaml(text + "  mask_threshold: 0.0\n", str(tmp_path / "z"))
+    none = run_yaml(text + "  mask_threshold: 1000.0\n", str(tmp_path / "n"))
+    every = run_yaml(text + "  mask_threshold: -1000.0\n", str(tmp_path / "e"))
+    plain = run_yaml(merge_yaml("task_arithmetic", family, EXPERTS, "  lambda: 1.0\n"), str(tmp_path / "p"))
+    assert len(list((tmp_path / "cache" / "artifacts").glob("somf-*.safetensors"))) == 1
+    base = load_state(family["base"])
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert all(torch.equal(zero[k], learned[k]) for k in learned)
+    assert torch.equal(none[name], base[name].to(none[name].dtype))
+    assert torch.equal(every[name], plain[name])
+    artifact = open_artifact(next(iter((tmp_path / "cache" / "artifacts").glob("somf-*.safetensors"))).as_posix())
+    assert 0 < int((artifact.get(tensor_key("logits", name)) > 0).sum()) < base[name].numel()  # a real middle point
+
+
 # --------------------------------------------------------------------------- the method
 
 

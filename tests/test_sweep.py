@@ -105,3 +105,29 @@ def test_sweep_reuses_the_artifact_and_resumes_after_a_kill(setup, tmp_path, mon
     assert (rows[2]["mean_accuracy"], rows[2]["refusal_rate"]) == (rows[1]["mean_accuracy"], rows[1]["refusal_rate"])
     assert all(os.path.getsize(f) > 0 for f in result["files"].values())
     assert not os.path.exists(os.path.join(out, "models")) or not os.listdir(os.path.join(out, "models"))
+
+
+def test_frontier_of_several_sweeps_on_one_figure(quick_lab, tmp_path):
+    """The demo's frontier: each method's sweep (its knob, with and without the random
+    control) and one figure + table of all of them, with the command of each sweep."""
+    from mergekit_safety.lab.frontier import run_frontier
+    from mergekit_safety.sweep import SweepError, combine_frontiers
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sweeps = {"resta": ("resta.yml", ("gamma=0.5,2.0", "control=none,random")),
+              "safemerge": ("safemerge.yml", ("threshold=0.3,0.9",))}
+    result = run_frontier(str(tmp_path / "frontier"), lab_dir=quick_lab["path"], merges_dir=os.path.join(repo, "merges"),
+                          sweeps=sweeps, eval_kwargs={"limit": 20})
+    with open(result["files"]["plot"], "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    table = open(result["files"]["markdown"], encoding="utf-8").read()
+    assert table.count("| resta | ") == 2 + 4 and table.count("| safemerge | ") == 2 + 2  # aligned, plain + points
+    assert table.count("| random |") == 2  # the two resta control points
+    assert "mergekit-safety sweep " in table and "--vary gamma=0.5,2.0" in table
+    saved = json.load(open(os.path.join(result["sweeps"]["resta"], "results.json"), encoding="utf-8"))
+    assert saved["method"] == "resta" and saved["command"].startswith("mergekit-safety sweep")
+    with pytest.raises(ValueError, match="no frontier sweep for nonsense"):
+        run_frontier(str(tmp_path / "f2"), lab_dir=quick_lab["path"], merges_dir=os.path.join(repo, "merges"),
+                     methods=["nonsense"])
+    with pytest.raises(SweepError, match="not a finished sweep"):
+        combine_frontiers([str(tmp_path)], str(tmp_path / "x.png"))

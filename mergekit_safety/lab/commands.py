@@ -131,8 +131,11 @@ def eval_command(model_dir, data_dir, benign, harmful, judge, judge_label, json_
 @click.option("--summary", "summary_path", default=None, type=click.Path(dir_okay=False),
               help="With --seeds: where the aggregated table goes (JSON, and Markdown beside it; "
                    "default WORKDIR/lab_seeds.json).")
+@click.option("--frontier", is_flag=True,
+              help="Also sweep every method's strength knob with its random control (WORKDIR/frontier/<method>, "
+                   "resumable) and draw all frontiers on one figure (WORKDIR/frontier/frontier.png, table beside it).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def demo_command(workdir, lab_dir, merges_dir, no_build, seeds, summary_path, no_progress):
+def demo_command(workdir, lab_dir, merges_dir, no_build, seeds, summary_path, frontier, no_progress):
     """Build the lab, run the declared merges/ configs, evaluate everything, write a table and a plot."""
     from mergekit_safety.lab.demo import render_text, run_demo
 
@@ -164,3 +167,9 @@ def demo_command(workdir, lab_dir, merges_dir, no_build, seeds, summary_path, no
         click.echo(f"retention relative to the best plain fusion: {res['plain']}")
     for k, v in res["files"].items():
         click.echo(f"{k}: {v}")
+    if frontier:
+        from mergekit_safety.lab.frontier import run_frontier
+
+        drawn = run_frontier(os.path.join(workdir, "frontier"), lab_dir=lab_dir, merges_dir=merges_dir, log=_log)
+        for k, v in drawn["files"].items():
+            click.echo(f"frontier {k}: {v}")

@@ -18,13 +18,14 @@ def random_control_mask(reference: torch.Tensor, name: str, seed: int) -> torch.
     return mask.reshape(reference.shape)
 
 
-def mask_from_logits(logits: torch.Tensor, mode: str, name: str = "", seed: int = 0) -> torch.Tensor:
-    """Merge-time mask: ``binary`` = 1[s > 0] (deterministic), ``expected`` = σ(s),
-    ``sample`` = one Bernoulli(σ(s)) draw (the authors' export), seeded by ``seed`` and the
-    tensor name."""
+def mask_from_logits(logits: torch.Tensor, mode: str, name: str = "", seed: int = 0,
+                     threshold: float = 0.0) -> torch.Tensor:
+    """Merge-time mask: ``binary`` = 1[s > threshold] (deterministic; the learned mask at 0),
+    ``expected`` = σ(s), ``sample`` = one Bernoulli(σ(s)) draw (the authors' export), seeded by
+    ``seed`` and the tensor name."""
     logits = logits.float()
     if mode == "binary":
-        return (logits > 0).float()
+        return (logits > threshold).float()
     if mode == "expected":
         return torch.sigmoid(logits)
     if mode == "sample":

@@ -112,6 +112,7 @@ class SOMFSettings(LocatingSettings):
     logits_dtype: Literal["bfloat16", "float32"] = setting("bfloat16", "dtype of the stored logits: bfloat16 halves the artifact (and the merge's memory) and keeps every sign, so the binary mask is exact; float32 keeps σ(s) exact for mask_mode expected/sample", locate=True)
     # merge time
     mask_mode: Literal["binary", "expected", "sample"] = setting("binary", "merge-time mask: binary 1[s>0], expected σ(s), or sample (one seeded Bernoulli(σ(s)) draw, as the authors' code)")
+    mask_threshold: float = setting(0.0, "binary mask: keep the task-vector elements whose learned logit exceeds this (0 = the learned mask; > 0 keeps less, i.e. more safety, < 0 keeps more, i.e. more skill) — the strength knob of a sweep, one artifact for every value")
     control: Literal["none", "random"] = setting("none", "random = equal-density random mask per tensor (control experiment)")
     control_seed: int = setting(0, "seed of the random control mask and of mask_mode: sample")
     # filled from the per-model weight/density of the experts (training fuses like the merge)
@@ -270,11 +271,12 @@ class SOMF(LocatingFusionMethod):
         # output vocabulary) get a large logit: kept, i.e. the plain fusion, as never trained
         logits = read_rows(artifact, key, base, name, inputs.vocabulary, fill=30.0)
         mode = parameters.get("mask_mode", "binary")
+        threshold = float(parameters.get("mask_threshold") or 0.0)
         if mode == "binary" and parameters.get("control", "none") != "random":
-            # the same 1[s > 0] as mask_from_logits, straight to the merge dtype (no float copy)
-            mask = (logits > 0).to(device=base.device, dtype=base.dtype)
+            # the same 1[s > t] as mask_from_logits, straight to the merge dtype (no float copy)
+            mask = (logits > threshold).to(device=base.device, dtype=base.dtype)
         else:
-            mask = mask_from_logits(logits, mode, name, int(parameters.get("control_seed", 0)))
+            mask = mask_from_logits(logits, mode, name, int(parameters.get("control_seed", 0)), threshold)
             if parameters.get("control", "none") == "random":
                 mask = random_control_mask(mask, name, int(parameters.get("control_seed", 0)))
             mask = mask.to(device=base.device, dtype=base.dtype)
