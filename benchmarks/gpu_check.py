@@ -30,6 +30,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_calibration import random_examples  # noqa: E402
 from bench_merge import build_models, config_text, write_keep_mask, write_method_artifacts  # noqa: E402
 
 
@@ -113,18 +114,6 @@ def check_merges(paths: dict, workdir: str, device: str, gpus: int) -> list:
         print(f"  merge {label}: CPU {cpu_s:.1f} s, {device} {dev_s:.1f} s (× {dev_s / cpu_s:.2f}), "
               f"max rel. difference {row['max_relative_difference']:.2e}", flush=True)
     return rows
-
-
-def random_examples(samples: int, length: int, vocab: int, seed: int = 0):
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    examples = []
-    for _ in range(samples):
-        n = int(torch.randint(length // 2, length + 1, (1,), generator=generator))
-        ids = torch.randint(4, vocab, (n,), generator=generator).tolist()
-        examples.append({"input_ids": ids, "response_mask": [0] * (n // 2) + [1] * (n - n // 2)})
-    return examples
 
 
 def check_calibration(model: str, vocab: int, device: str, samples: int, length: int) -> dict:
