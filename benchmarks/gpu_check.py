@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", default="small", choices=("tiny", "small", "medium"))
     parser.add_argument("--workdir", default=None, help="models and merges (default: a temporary folder)")
-    parser.add_argument("--json", default=os.path.join("benchmarks", "results", "gpu_check.json"))
+    parser.add_argument("--json", default=None, help="default: benchmarks/results/gpu_check-<device type>.json")
     parser.add_argument("--steps", type=int, default=3, help="timed SOMF / plain steps (after one warm-up)")
     parser.add_argument("--samples", type=int, default=32, help="calibration examples")
     args = parser.parse_args()
@@ -215,6 +215,7 @@ def main() -> None:
     from mergekit_safety.engine.calibration import resolve_device
 
     resolve_device(args.device)  # a clear error on a machine without the device
+    args.json = args.json or os.path.join("benchmarks", "results", f"gpu_check-{args.device.split(':')[0]}.json")
     gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
     workdir = args.workdir or tempfile.mkdtemp(prefix="gpu-check-")
     os.makedirs(workdir, exist_ok=True)

@@ -320,10 +320,8 @@ def combine_frontiers(sweep_dirs: Sequence[str], png_path: str, markdown_path: O
         sweeps.append((os.path.basename(os.path.normpath(folder)), data))
     if not sweeps:
         raise SweepError("no sweep folders given")
-    axes = {data["axis"] for _, data in sweeps}
-    if len(axes) != 1:
-        raise SweepError(f"the sweeps use different utility axes ({', '.join(sorted(axes))}): not one figure")
-    axis = axes.pop()
+    # retention where every sweep has it; otherwise every sweep on its mean accuracy
+    axis = "retention" if all(data["axis"] == "retention" for _, data in sweeps) else "mean_accuracy"
     _plot_combined(sweeps, axis, png_path)
     files = {"plot": png_path}
     if markdown_path:

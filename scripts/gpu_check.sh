@@ -6,7 +6,7 @@
 #   DEVICE=cpu SIZE=tiny bash scripts/gpu_check.sh    # dry run on a CPU machine (checks the script only)
 # Uses the Python in $PYTHON (default: .venv/bin/python if it exists, else python3), which must
 # have this package, mergekit and a torch build for the device installed. Writes
-# $OUT/gpu_check.json (default OUT=benchmarks/results) and prints every ratio.
+# $OUT/gpu_check-<device type>.json (default OUT=benchmarks/results) and prints every ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${DEVICE:-cuda}"
@@ -17,4 +17,4 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 export TQDM_DISABLE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
-exec "$PYTHON" benchmarks/gpu_check.py --device "$DEVICE" --size "$SIZE" --json "$OUT/gpu_check${DEVICE:+-$DEVICE}.json"
+exec "$PYTHON" benchmarks/gpu_check.py --device "$DEVICE" --size "$SIZE" --json "$OUT/gpu_check-${DEVICE%%:*}.json"

@@ -377,18 +377,20 @@ def _model_hashes(lab_dir):
             for name in lab_manifest(lab_dir)["models"]}
 
 
-def test_build_is_byte_identical_whatever_the_callers_thread_count(tmp_path):
-    """The lab trains with LabSettings.threads (1) whatever torch's thread count is when the
-    build starts (another machine, OMP_NUM_THREADS): a seed gives the same bytes everywhere.
-    A tiny lab (2 experts, few steps) keeps this fast; with the caller's count honoured the
-    two builds below differed in every model on this project's machine."""
+def test_build_is_byte_identical_whatever_the_machine(tmp_path, monkeypatch):
+    """The lab trains with LabSettings.threads (1) whatever the machine: one core and a caller
+    with 1 thread, or four cores and a caller with 2 threads, give the same bytes (the build
+    before this fix took the core count, and those two builds differed in every model).
+    A tiny lab (2 experts, few steps) keeps this fast."""
     import torch
 
+    monkeypatch.delenv("MERGEKIT_SAFETY_THREADS", raising=False)
     tiny = LabSettings(quick=True, experts=2, pretrain_steps=60, align_steps=30, expert_steps=30)
     before = torch.get_num_threads()
     try:
         hashes = []
-        for n, caller_threads in enumerate((1, 2)):
+        for n, (cores, caller_threads) in enumerate(((1, 1), (4, 2))):
+            monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
             torch.set_num_threads(caller_threads)
             build_lab(str(tmp_path / f"lab{n}"), tiny, progress=False)
             assert torch.get_num_threads() == caller_threads, "the caller's thread count is restored"

@@ -379,12 +379,10 @@ def test_dpo_reference_options(family, data):
     # several sets (safety and benign pairs): the aligned model is loaded once for all of them
     loads = []
     original = AutoModelForCausalLM.from_pretrained
-    AutoModelForCausalLM.from_pretrained = lambda *a, **k: loads.append(a) or original(*a, **k)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a) or original(*a, **k))
         two = reference_logps(settings_for(family, data, reference="aligned"), family["base"],
                               [(ids, att, resp), (ids[:2], att[:2], resp[:2])], 8)
-    finally:
-        AutoModelForCausalLM.from_pretrained = original
     assert len(loads) == 1
     torch.testing.assert_close(two[0], expected_aligned, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(two[1], expected_aligned[:2], rtol=1e-4, atol=1e-3)

@@ -541,6 +541,9 @@ def resolve_device(device: Any) -> torch.device:
             raise CalibrationError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if resolved.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise CalibrationError(f"device {device!r}: MPS is not available on this machine; use device: cpu")
+    backend = getattr(torch, resolved.type, None) if resolved.type not in ("cpu", "cuda", "mps") else None
+    if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+        raise CalibrationError(f"device {device!r}: no {resolved.type.upper()} device is available on this machine; use device: cpu")
     return resolved
 
 

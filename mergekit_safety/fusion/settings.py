@@ -42,7 +42,7 @@ NonNegative = Annotated[float, Field(ge=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 #: a torch device name; whether it exists on the machine is checked where it is used
-DeviceName = Annotated[str, Field(pattern=r"^(cpu|cuda|mps|xpu)(:[0-9]+)?$")]
+DeviceName = Annotated[str, Field(pattern=r"^(cpu|cuda|mps|xpu|hpu|npu)(:[0-9]+)?$")]
 
 BACKBONE_NAMES = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "mean")
 DARE_BACKBONES = ("dare_linear", "dare_ties")

@@ -27,7 +27,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 from mergekit_safety.engine.data import file_hash, read_jsonl, write_jsonl
 from mergekit_safety.lab import language as L
 
-LAB_VERSION = 1
+# 2: training always uses LabSettings.threads (1) torch threads; version-1 labs were trained with
+#    the core count (at most 4), so one built on a multi-core machine must not pass for a new one
+LAB_VERSION = 2
 #: ``language.fingerprint()`` of the language LAB_VERSION was built with. A test checks it:
 #: change the language -> bump LAB_VERSION (so every cached stage is rebuilt) and update this.
 LANGUAGE_FINGERPRINT = "f84bc8b0dd32b44afaefc19674bf90e4bab319bbf92318e0857de6ca4a2c8851"

@@ -142,6 +142,10 @@ def demo_command(workdir, lab_dir, merges_dir, no_build, seeds, summary_path, fr
     if seeds is not None:
         from mergekit_safety.lab.seeds import aggregate, render_markdown, run_seeds, write_summary
 
+        if frontier or no_build:
+            raise click.BadParameter("--seeds builds one lab per seed and draws no frontier: run --frontier or "
+                                     "--no-build without --seeds", param_hint="--seeds")
+
         try:
             seed_list = [int(s) for s in seeds.split(",") if s.strip()]
         except ValueError:

@@ -244,7 +244,7 @@ def render_markdown(rows, expert_skills, plain) -> str:
     note = (f"\nRetention = (acc - acc_aligned) / (acc_plain - acc_aligned) over the experts' skills; "
             f"plain = `{plain}` (best plain mergekit fusion); for a one-expert merge, of that expert's "
             f"own skill against the expert." if plain else
-            "\nNo plain task_arithmetic/ties fusion succeeded: retention not computed.")
+            "\nNo plain task_arithmetic/ties fusion succeeded: retention computed for one-expert merges only.")
     return render_table(head, body, markdown=True) + "\n" + note
 
 

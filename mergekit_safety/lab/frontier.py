@@ -58,9 +58,10 @@ def run_frontier(
         with open(config_path, "w", encoding="utf-8") as handle:
             yaml.safe_dump(config, handle, sort_keys=False)
         out = os.path.join(workdir, method)
-        command = shlex.join(["mergekit-safety", "sweep", os.path.join(merges_dir, config_name),
-                              *[a for v in vary for a in ("--vary", v)], "--out", out,
-                              "--data", eval_kwargs["data_dir"]])
+        # the config the sweep really ran (its lab paths rewritten), so the command reproduces it
+        command = shlex.join(["mergekit-safety", "sweep", config_path, *[a for v in vary for a in ("--vary", v)],
+                              "--out", out, "--data", eval_kwargs["data_dir"]]
+                             + (["--limit", str(eval_kwargs["limit"])] if eval_kwargs.get("limit") else []))
         log(f"[frontier {number}/{len(chosen)}] {method}: {command}")
         run_sweep(config_path, vary, out, eval_kwargs=eval_kwargs, log=log, command=command)
         folders.append(out)

@@ -3,8 +3,9 @@ as the mean and the spread (min–max) over independently built labs.
 
 ``run_seeds`` builds ``{lab_root}-seed{N}`` for every seed (cached by stamp), runs the demo's
 declared configs on it into ``{workdir}/seed{N}`` and keeps that seed's ``results.json``; a seed
-whose results exist for the same configs is not run again, so an interrupted run resumes at the
-seed it stopped in (inside a seed, learned masks are cached by content). ``aggregate`` turns the
+whose results exist for the same lab (stage stamps) and the same configs (names and bytes), with
+no failed merge, is not run again, so an interrupted run resumes at the seed it stopped in
+(inside a seed, learned masks are cached by content). ``aggregate`` turns the
 per-seed results into one row per model or merge; ``render_markdown`` is the README's table.
 """
 
@@ -41,7 +42,8 @@ def run_seeds(
     ``settings``: the lab's settings apart from the seed (default: the default lab)."""
     from dataclasses import replace
 
-    from mergekit_safety.lab.build import LabSettings, build_lab
+    from mergekit_safety.engine.data import file_hash
+    from mergekit_safety.lab.build import LabSettings, build_lab, plan_stages
     from mergekit_safety.lab.demo import DEMO_CONFIGS, run_demo
 
     log = log or (lambda msg: None)
@@ -53,18 +55,28 @@ def run_seeds(
         out = os.path.join(workdir, f"seed{seed}")
         done = os.path.join(out, "results.json")
         previous = _read(done)
-        if previous is not None and previous.get("configs") == configs:
-            log(f"[seed {seed}: {k}/{len(seeds)}] results in {done}: reused")
-            per_seed[seed] = previous
-            continue
+        lab_settings = replace(settings or LabSettings(), seed=seed)
+        # what the results depend on: the lab (its stage stamps) and the configs (their bytes)
+        identity = {
+            "configs": configs,
+            "lab_stamps": {name: stage["stamp"] for name, stage in plan_stages(lab_settings.recipe())["models"].items()},
+            "config_hashes": {c: file_hash(os.path.join(merges_dir, c)) for c in configs
+                              if os.path.isfile(os.path.join(merges_dir, c))},
+        }
+        if previous is not None and all(previous.get(key) == value for key, value in identity.items()):
+            failed = [n for n, r in previous.get("models", {}).items() if "error" in r]
+            if not failed:
+                log(f"[seed {seed}: {k}/{len(seeds)}] results in {done}: reused")
+                per_seed[seed] = previous
+                continue
+            log(f"[seed {seed}: {k}/{len(seeds)}] {len(failed)} failed before ({', '.join(failed)}): run again")
         lab_dir = seed_lab_dir(lab_root, seed)
         log(f"[seed {seed}: {k}/{len(seeds)}] lab {lab_dir}")
-        build_lab(lab_dir, replace(settings or LabSettings(), seed=seed), progress=progress, log=log)
+        build_lab(lab_dir, lab_settings, progress=progress, log=log)
         run_demo(workdir=out, lab_dir=lab_dir, merges_dir=merges_dir, build=False, progress=progress,
                  log=log, configs=configs, eval_kwargs=eval_kwargs)
         result = _read(done)
-        result["configs"] = configs
-        result["seed"] = seed
+        result.update(identity, seed=seed)
         _write_json(done, result)  # marks the seed finished for the same configs
         per_seed[seed] = result
     return {"seeds": list(seeds), "configs": configs, "per_seed": per_seed}

@@ -109,7 +109,7 @@ class SOMFSettings(LocatingSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "model dtype during mask training (logits stay float32)")
     offload_folder: str = setting("", "train with the unmasked modules offloaded to this folder (accelerate); empty = all in memory")
     threads: NonNegativeInt = setting(0, "torch CPU threads during mask training (0 = torch's default; 1 is fastest for tiny models)")
-    logits_dtype: Literal["bfloat16", "float32"] = setting("bfloat16", "dtype of the stored logits: bfloat16 halves the artifact (and the merge's memory) and keeps every sign, so the binary mask is exact; float32 keeps σ(s) exact for mask_mode expected/sample", locate=True)
+    logits_dtype: Literal["bfloat16", "float32"] = setting("bfloat16", "dtype of the stored logits: bfloat16 halves the artifact (and the merge's memory) and keeps every sign, so the binary mask at mask_threshold 0 is exact; float32 keeps σ(s) exact for mask_mode expected/sample and logits near a mask_threshold other than 0", locate=True)
     # merge time
     mask_mode: Literal["binary", "expected", "sample"] = setting("binary", "merge-time mask: binary 1[s>0], expected σ(s), or sample (one seeded Bernoulli(σ(s)) draw, as the authors' code)")
     mask_threshold: float = setting(0.0, "binary mask: keep the task-vector elements whose learned logit exceeds this (0 = the learned mask; > 0 keeps less, i.e. more safety, < 0 keeps more, i.e. more skill) — the strength knob of a sweep, one artifact for every value")
@@ -192,9 +192,14 @@ class SOMF(LocatingFusionMethod):
         return bool(data) and (data != AUTO or bool(parameters.get("harmful_prompts")))
 
     def compute_artifact(self, request):
+        from mergekit_safety.engine.calibration import CalibrationError, resolve_device
         from mergekit_safety.fusion.models import resolve_model
-        from mergekit_safety.methods.somf.training import train_mask
+        from mergekit_safety.methods.somf.training import SOMFTrainingError, train_mask
 
+        try:  # a device this machine lacks: named before the pairs' generation loads any model
+            resolve_device(request.parameters.get("device") or "cpu")
+        except CalibrationError as error:
+            raise SOMFTrainingError(f"{request.method}: {error}") from None
         base = resolve_model(request.base)
         experts = [resolve_model(e) for e in request.experts]
         extra: Dict[str, Any] = {}
