@@ -137,6 +137,8 @@ def eval_command(model_dir, data_dir, benign, harmful, judge, judge_label, json_
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def demo_command(workdir, lab_dir, merges_dir, no_build, seeds, summary_path, frontier, no_progress):
     """Build the lab, run the declared merges/ configs, evaluate everything, write a table and a plot."""
+    if no_progress:  # also the bars of other libraries and of mask learning inside mergekit (read at tqdm's import)
+        os.environ.setdefault("TQDM_DISABLE", "1")
     from mergekit_safety.lab.demo import render_text, run_demo
 
     if seeds is not None:
