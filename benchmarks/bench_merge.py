@@ -130,6 +130,7 @@ def write_method_artifacts(workdir: str, paths: dict, experts: int, tag: str) ->
     from mergekit_safety.plugin.checks import safetensors_shapes
     from mergekit_safety.plugin.config import request_from_config
     from mergekit_safety.methods.antidote import top_alpha_per_row
+    from mergekit_safety.methods.somf.method import store_logits
     from mergekit_safety.methods.ssah.method import UnitScores, write_scores_artifact
     from mergekit_safety.methods.ssah.units import UnitLayout
 
@@ -155,7 +156,9 @@ def write_method_artifacts(workdir: str, paths: dict, experts: int, tag: str) ->
     if not os.path.exists(mask):
         method, request = request_from_config(path)
         record = method.artifact_record(request)
-        logits = {tensor_key("logits", n): torch.randn(s, generator=generator) for n, s in linear.items()}
+        # stored as the method stores them (logits_dtype, bfloat16 by default)
+        dtype = getattr(torch, record.settings.get("logits_dtype", "bfloat16"))
+        logits = {tensor_key("logits", n): store_logits(torch.randn(s, generator=generator), dtype) for n, s in linear.items()}
         write_artifact(mask, logits, record)
 
     mask = os.path.join(workdir, f"bench-{tag}-ssah.safetensors")
