@@ -92,13 +92,17 @@ def select_masked(names: Iterable[str], spec: str, linear_names: set, shapes: Di
 
 
 def concrete_sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
-    """Reparameterised RelaxedBernoulli(temperature, logits) sample (Gumbel-sigmoid)."""
+    """Reparameterised RelaxedBernoulli(temperature, logits) sample (Gumbel-sigmoid):
+    σ((s + log u − log(1 − u)) / T), u ~ U(0, 1) clamped to [1e-6, 1 − 1e-6]."""
     # drawn on the generator's device (an accelerator's own generator avoids moving a
     # model-sized noise tensor to it every step), then used where the logits are
     uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float32, device=generator.device).to(logits.device)
-    uniform = uniform.clamp(1e-6, 1 - 1e-6)
-    noise = torch.log(uniform) - torch.log1p(-uniform)
-    return torch.sigmoid((logits + noise) / temperature)
+    # in place, one mask-sized buffer instead of four: the same operations in the same order,
+    # so the same bits as the out-of-place formula (a mask step on a CPU is memory-bound)
+    uniform.clamp_(1e-6, 1 - 1e-6)
+    log_rest = torch.neg(uniform).log1p_()
+    noise = uniform.log_().sub_(log_rest)
+    return torch.sigmoid(noise.add_(logits).div_(temperature))
 
 
 class FunctionalFusion:
