@@ -295,7 +295,9 @@ class FunctionalFusion:
         if self.settings.keep_rescale:
             density = mask.float().mean()
             delta = delta / density if density > 0 else torch.zeros_like(delta)
-        return self.base[name] + delta
+        # in place on the product (autograd keeps the factors, not the product): one
+        # weight-sized buffer less per step, the same bits as base + delta
+        return delta.add_(self.base[name])
 
     def parameters_for(self, masks: Dict[str, torch.Tensor], exact: bool = True) -> Dict[str, torch.Tensor]:
         """Fused weights for ``masks``: the merge's exact arithmetic, or (``exact=False``, in
