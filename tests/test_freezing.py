@@ -230,8 +230,10 @@ def test_lab_freezing_keeps_more_refusals_under_benign_fine_tuning(quick_lab, tm
     """The paper's use on the lab: fine-tune the aligned model like an expert and compare
     refusals with and without the SSAH units frozen.
 
-    Measured setting: benign fine-tuning (the lab's expert mix without harmful data, 250 steps),
-    where plain fine-tuning erodes refusals a little and freezing keeps more of them. With
+    Measured setting: benign fine-tuning (the lab's expert mix without harmful data, 500 steps),
+    where plain fine-tuning erodes refusals a little and freezing keeps more of them (quick lab,
+    seed 0, trained with one thread since LAB_VERSION 2: plain 94.5 %, frozen 98.0 %; at 250
+    steps neither loses any refusal on this build, so the comparison would say nothing). With
     harmful contamination (even 2 %) every variant loses its refusals in the lab — freezing
     7.5 % of units does not stop explicit harmful training (docs/ssah.md has the numbers); that
     is a measurement, not a property, so it is not asserted here.
@@ -249,7 +251,7 @@ def test_lab_freezing_keeps_more_refusals_under_benign_fine_tuning(quick_lab, tm
         str(tmp_path / "units.safetensors"), scores, f"{lab}/aligned",
         {"safety_data": settings.safety_data, "utility_data": settings.utility_data}, info,
     )
-    results = lab_freezing_experiment(lab, artifact, harmful_ratio=0.0, steps=250, modes=("plain", "ssah"), progress=False)
+    results = lab_freezing_experiment(lab, artifact, harmful_ratio=0.0, steps=500, modes=("plain", "ssah"), progress=False)
     plain, frozen = results["plain"], results["ssah"]
     assert frozen["frozen_entries"] > 0 and frozen["frozen_moved_before_restore"] == 0
     skill = frozen["trained_skill"]
