@@ -335,7 +335,7 @@ def test_classifier_judge_on_a_tiny_local_classifier(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_merges_records_failures_and_plots(quick_lab, tmp_path):
+def test_demo_runs_merges_records_failures_and_plots(quick_lab, tmp_path, capfd):
     from mergekit_safety.lab.demo import run_demo
 
     merges = tmp_path / "merges"
@@ -348,6 +348,7 @@ def test_demo_runs_merges_records_failures_and_plots(quick_lab, tmp_path):
     shutil.copy(os.path.join(repo, "merges", "resta_single.yml"), merges / "resta_single.yml")
     res = run_demo(workdir=str(tmp_path / "demo"), lab_dir=quick_lab["path"], merges_dir=str(merges),
                    build=False, progress=False, configs=["task_arithmetic.yml", "broken.yml", "resta_single.yml"])
+    assert "torch_dtype" not in capfd.readouterr().err  # transformers' notices about mergekit's calls: quiet
     rows = res["rows"]
     assert "my_own_experiment" not in rows  # the demo runs its declared configs only
     assert "error" in rows["broken"] and "merge failed" in rows["broken"]["error"]

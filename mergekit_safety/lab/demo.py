@@ -61,8 +61,17 @@ def run_yaml_merge(config: Dict[str, Any], out_path: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     # no model card: mergekit's card writer asks the Hugging Face hub about every two-part
     # relative path ("lab/aligned"), which fails offline
-    run_merge(merge_config, tmp, options=MergeOptions(copy_tokenizer=True, quiet=True, lazy_unpickle=False,
-                                                      write_model_card=False))
+    from transformers.utils import logging as hf_logging
+
+    # transformers' notices about how mergekit calls it (e.g. `torch_dtype` deprecated) are not
+    # the user's to act on: errors only while mergekit runs
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        run_merge(merge_config, tmp, options=MergeOptions(copy_tokenizer=True, quiet=True, lazy_unpickle=False,
+                                                          write_model_card=False))
+    finally:
+        hf_logging.set_verbosity(verbosity)
     shutil.rmtree(out_path, ignore_errors=True)
     os.replace(tmp, out_path)
 
