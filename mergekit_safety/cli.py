@@ -153,9 +153,9 @@ def sweep_command(config, vary, out, data_dir, benign, harmful, limit, max_point
     """Merge and evaluate CONFIG over a grid of parameter values: the safety–utility frontier."""
     import os
 
-    from mergekit_safety.sweep import SweepError, run_sweep
-
     import shlex
+
+    from mergekit_safety.sweep import SweepError, run_sweep
 
     if data_dir is None and (benign is None or harmful is None):
         data_dir = os.path.join("lab", "data")

@@ -153,11 +153,16 @@ def _read(path: str) -> Optional[Dict[str, Any]]:
         return None
 
 
-def _write_json(path: str, obj: Any) -> None:
+def _write_text(path: str, text: str) -> None:
+    """``text`` to ``path`` atomically (temporary file, then rename)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=2))
 
 
 def write_summary(summary: Dict[str, Any], json_path: str) -> Dict[str, str]:
@@ -165,8 +170,5 @@ def write_summary(summary: Dict[str, Any], json_path: str) -> Dict[str, str]:
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     _write_json(json_path, summary)
     md_path = os.path.splitext(json_path)[0] + ".md"
-    tmp = md_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(render_markdown(summary) + "\n")
-    os.replace(tmp, md_path)
+    _write_text(md_path, render_markdown(summary) + "\n")
     return {"json": json_path, "markdown": md_path}

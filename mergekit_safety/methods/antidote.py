@@ -49,12 +49,12 @@ from mergekit_safety.fusion.locate import LocateRequest
 from mergekit_safety.fusion.method import LocatingFusionMethod
 from mergekit_safety.fusion.models import resolve_model
 from mergekit_safety.fusion.settings import (
+    DeviceName,
     LocatingSettings,
     NonNegativeInt,
     PositiveInt,
     UnitInterval,
     setting,
-    DeviceName,
 )
 
 logger = logging.getLogger(__name__)

@@ -36,6 +36,7 @@ from mergekit_safety.fusion.method import LocatingFusionMethod, TensorInputs, re
 from mergekit_safety.fusion.settings import (
     AUTO,
     DARE_BACKBONES,
+    DeviceName,
     LocatingSettings,
     NonNegative,
     NonNegativeInt,
@@ -43,7 +44,6 @@ from mergekit_safety.fusion.settings import (
     PositiveInt,
     UnitInterval,
     setting,
-    DeviceName,
 )
 from mergekit_safety.methods.somf.masks import mask_from_logits, random_control_mask
 
@@ -192,14 +192,11 @@ class SOMF(LocatingFusionMethod):
         return bool(data) and (data != AUTO or bool(parameters.get("harmful_prompts")))
 
     def compute_artifact(self, request):
-        from mergekit_safety.engine.calibration import CalibrationError, resolve_device
         from mergekit_safety.fusion.models import resolve_model
-        from mergekit_safety.methods.somf.training import SOMFTrainingError, train_mask
+        from mergekit_safety.methods.somf.training import require_device, train_mask
 
-        try:  # a device this machine lacks: named before the pairs' generation loads any model
-            resolve_device(request.parameters.get("device") or "cpu")
-        except CalibrationError as error:
-            raise SOMFTrainingError(f"{request.method}: {error}") from None
+        # a device this machine lacks: named before the pairs' generation loads any model
+        require_device(request.parameters.get("device") or "cpu", request.method)
         base = resolve_model(request.base)
         experts = [resolve_model(e) for e in request.experts]
         extra: Dict[str, Any] = {}

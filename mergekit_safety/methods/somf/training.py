@@ -488,6 +488,16 @@ def _cpu_threads(count: int):
         torch.set_num_threads(previous)
 
 
+def require_device(device: str, who: str = "somf") -> None:
+    """A SOMFTrainingError naming ``device`` if this machine lacks it (before any model loads)."""
+    from mergekit_safety.engine.calibration import CalibrationError, resolve_device
+
+    try:
+        resolve_device(device)
+    except CalibrationError as error:
+        raise SOMFTrainingError(f"{who}: {error}") from None
+
+
 def train_mask(base_path: str, expert_paths: Sequence[str], settings, progress: bool = True):
     """Learn the SOMF mask logits. Returns ({tensor name: logits}, metadata dict)."""
     with _cpu_threads(settings.threads):
@@ -497,12 +507,7 @@ def train_mask(base_path: str, expert_paths: Sequence[str], settings, progress: 
 def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress: bool):
     from tqdm.auto import tqdm
 
-    from mergekit_safety.engine.calibration import CalibrationError, resolve_device
-
-    try:  # a device this machine lacks fails here, before any model is loaded
-        resolve_device(settings.device)
-    except CalibrationError as error:
-        raise SOMFTrainingError(f"somf: {error}") from None
+    require_device(settings.device)  # a device this machine lacks fails here, before any model is loaded
     started = time.time()
     torch.manual_seed(settings.train_seed)
     generator = torch.Generator().manual_seed(settings.train_seed)
@@ -782,13 +787,12 @@ def reference_logps(settings, base_path: str, sets: Sequence[Tuple[torch.Tensor,
     else:
         raise SOMFTrainingError(f"somf: unknown reference {settings.reference!r} (fusion, aligned or none)")
     results = []
-    with torch.no_grad():
-        for ids, att, resp in sets:
-            out = []
-            for start in range(0, ids.shape[0], batch):
-                b_ids, b_att, b_resp = _trim(ids[start:start + batch], att[start:start + batch], resp[start:start + batch])
-                out.append(run(b_ids, b_att, b_resp).cpu())
-            results.append(torch.cat(out))
+    for ids, att, resp in sets:
+        out = []
+        for start in range(0, ids.shape[0], batch):
+            b_ids, b_att, b_resp = _trim(ids[start:start + batch], att[start:start + batch], resp[start:start + batch])
+            out.append(run(b_ids, b_att, b_resp).cpu())
+        results.append(torch.cat(out))
     return results
 
 
