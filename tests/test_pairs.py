@@ -128,3 +128,28 @@ def test_auto_without_prompts_is_reported_by_check(tmp_path):
     config.write_text(merge_yaml("somf", family, ["expert0"], "  preference_data: auto\n"))
     problems = [p.message for p in check_config_file(str(config))]
     assert any("preference_data: auto needs harmful_prompts" in p for p in problems), problems
+
+
+def test_auto_pairs_name_a_missing_device_before_generating(quick_lab, tmp_path, monkeypatch):
+    """With `preference_data: auto`, a device this machine lacks is named before any answer is
+    generated (the pairs' generation would otherwise load the aligned model first)."""
+    import torch
+
+    from mergekit_safety.methods.somf import pairs as pairs_module
+    from mergekit_safety.methods.somf.training import SOMFTrainingError
+    from mergekit_safety.plugin.config import locate_config
+
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    lab = quick_lab["path"]
+    prompts = tmp_path / "harmful_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in _lines(f"{lab}/data/harmful.jsonl")[:16]))
+    config = tmp_path / "auto.yml"
+    config.write_text(
+        f"merge_method: somf\nbase_model: {lab}/aligned\nmodels:\n  - model: {lab}/expert_next\n"
+        f"parameters:\n  preference_data: auto\n  harmful_prompts: {prompts}\n  device: 'cuda:7'\n"
+        f"  mask: {tmp_path / 'mask.safetensors'}\n"
+    )
+    monkeypatch.setattr(pairs_module, "build_pairs", lambda *a, **k: pytest.fail("generation started"))
+    with pytest.raises(SOMFTrainingError, match=r"somf: device 'cuda:7': no CUDA device|this machine has"):
+        locate_config(str(config))
