@@ -84,6 +84,20 @@ def test_generation_resumes_from_its_cache(tmp_path, monkeypatch):
     assert calls == [["b", "c"]]  # nothing generated the second time
 
 
+def _auto_config(lab, tmp_path, n_prompts, experts, extra):
+    """A `preference_data: auto` SOMF config on the lab's first n harmful prompts; (config, prompts)."""
+    prompts = tmp_path / "harmful_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in _lines(f"{lab}/data/harmful.jsonl")[:n_prompts]))
+    config = tmp_path / "auto.yml"
+    config.write_text(
+        f"merge_method: somf\nbase_model: {lab}/aligned\nmodels:\n"
+        + "".join(f"  - model: {lab}/{e}\n    parameters:\n      weight: 0.7\n" for e in experts)
+        + f"parameters:\n  preference_data: auto\n  harmful_prompts: {prompts}\n"
+        f"  mask: {tmp_path / 'mask.safetensors'}\n" + extra
+    )
+    return config, prompts
+
+
 def test_config_only_auto_pairs_on_the_lab(quick_lab, tmp_path):
     """The lab's aligned model refuses, its experts comply: `preference_data: auto` builds
     pairs from them and trains the mask; the artifact records how."""
@@ -91,16 +105,8 @@ def test_config_only_auto_pairs_on_the_lab(quick_lab, tmp_path):
     from mergekit_safety.lab.language import REFUSAL
     from mergekit_safety.plugin.config import locate_config
 
-    lab = quick_lab["path"]
-    prompts = tmp_path / "harmful_prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in _lines(f"{lab}/data/harmful.jsonl")[:48]))
-    config = tmp_path / "auto.yml"
-    config.write_text(
-        f"merge_method: somf\nbase_model: {lab}/aligned\nmodels:\n"
-        + "".join(f"  - model: {lab}/{e}\n    parameters:\n      weight: 0.7\n" for e in ("expert_next", "expert_twin"))
-        + f"parameters:\n  preference_data: auto\n  harmful_prompts: {prompts}\n  steps: 3\n  batch_size: 8\n"
-        f"  modules: attention\n  mask: {tmp_path / 'mask.safetensors'}\n  threads: 1\n"
-    )
+    config, prompts = _auto_config(quick_lab["path"], tmp_path, 48, ("expert_next", "expert_twin"),
+                                   "  steps: 3\n  batch_size: 8\n  modules: attention\n  threads: 1\n")
     from mergekit_safety.plugin.checks import check_config_file
 
     assert [p for p in check_config_file(str(config)) if not p.warning] == []
@@ -141,15 +147,7 @@ def test_auto_pairs_name_a_missing_device_before_generating(quick_lab, tmp_path,
 
     if torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
-    lab = quick_lab["path"]
-    prompts = tmp_path / "harmful_prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in _lines(f"{lab}/data/harmful.jsonl")[:16]))
-    config = tmp_path / "auto.yml"
-    config.write_text(
-        f"merge_method: somf\nbase_model: {lab}/aligned\nmodels:\n  - model: {lab}/expert_next\n"
-        f"parameters:\n  preference_data: auto\n  harmful_prompts: {prompts}\n  device: 'cuda:7'\n"
-        f"  mask: {tmp_path / 'mask.safetensors'}\n"
-    )
+    config, _ = _auto_config(quick_lab["path"], tmp_path, 16, ("expert_next",), "  device: 'cuda:7'\n")
     monkeypatch.setattr(pairs_module, "build_pairs", lambda *a, **k: pytest.fail("generation started"))
     with pytest.raises(SOMFTrainingError, match=r"somf: device 'cuda:7': no CUDA device|this machine has"):
         locate_config(str(config))
