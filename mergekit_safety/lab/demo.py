@@ -200,7 +200,8 @@ def run_demo(
     aligned_acc = rows["aligned"].get("mean_expert_accuracy")
     for n, r in rows.items():
         own = singles.get(n)
-        if own and "accuracy" in r and "accuracy" in rows.get(f"expert_{own}", {}) and "accuracy" in rows["aligned"]:
+        # (an evaluation limited to the first prompts may hold no prompt of that skill: no retention)
+        if own and all(own in x.get("accuracy", {}) for x in (r, rows.get(f"expert_{own}", {}), rows["aligned"])):
             # one expert: the share of that expert's own gain on its own skill that is kept
             r["single_expert"] = own
             r["own_skill_accuracy"] = r["accuracy"][own]

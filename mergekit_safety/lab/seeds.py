@@ -42,9 +42,8 @@ def run_seeds(
     ``settings``: the lab's settings apart from the seed (default: the default lab)."""
     from dataclasses import replace
 
-    from mergekit_safety.engine.data import file_hash
-    from mergekit_safety.lab.build import LabSettings, build_lab, plan_stages
-    from mergekit_safety.lab.demo import DEMO_CONFIGS, run_demo
+    from mergekit_safety.lab.build import LabSettings
+    from mergekit_safety.lab.demo import DEMO_CONFIGS
 
     log = log or (lambda msg: None)
     if not seeds or len(set(seeds)) != len(seeds):
@@ -52,34 +51,59 @@ def run_seeds(
     configs = list(configs or DEMO_CONFIGS)
     per_seed: Dict[int, Dict[str, Any]] = {}
     for k, seed in enumerate(seeds, start=1):
-        out = os.path.join(workdir, f"seed{seed}")
-        done = os.path.join(out, "results.json")
-        previous = _read(done)
-        lab_settings = replace(settings or LabSettings(), seed=seed)
-        # what the results depend on: the lab (its stage stamps) and the configs (their bytes)
-        identity = {
-            "configs": configs,
-            "lab_stamps": {name: stage["stamp"] for name, stage in plan_stages(lab_settings.recipe())["models"].items()},
-            "config_hashes": {c: file_hash(os.path.join(merges_dir, c)) for c in configs
-                              if os.path.isfile(os.path.join(merges_dir, c))},
-        }
-        if previous is not None and all(previous.get(key) == value for key, value in identity.items()):
-            failed = [n for n, r in previous.get("models", {}).items() if "error" in r]
-            if not failed:
-                log(f"[seed {seed}: {k}/{len(seeds)}] results in {done}: reused")
-                per_seed[seed] = previous
-                continue
-            log(f"[seed {seed}: {k}/{len(seeds)}] {len(failed)} failed before ({', '.join(failed)}): run again")
-        lab_dir = seed_lab_dir(lab_root, seed)
-        log(f"[seed {seed}: {k}/{len(seeds)}] lab {lab_dir}")
-        build_lab(lab_dir, lab_settings, progress=progress, log=log)
-        run_demo(workdir=out, lab_dir=lab_dir, merges_dir=merges_dir, build=False, progress=progress,
-                 log=log, configs=configs, eval_kwargs=eval_kwargs)
-        result = _read(done)
-        result.update(identity, seed=seed)
-        _write_json(done, result)  # marks the seed finished for the same configs
-        per_seed[seed] = result
+        per_seed[seed] = run_lab_configs(
+            os.path.join(workdir, f"seed{seed}"), seed_lab_dir(lab_root, seed),
+            replace(settings or LabSettings(), seed=seed), merges_dir, configs,
+            label=f"seed {seed}: {k}/{len(seeds)}", progress=progress, log=log, eval_kwargs=eval_kwargs,
+            record={"seed": seed})
     return {"seeds": list(seeds), "configs": configs, "per_seed": per_seed}
+
+
+def run_lab_configs(
+    out: str,
+    lab_dir: str,
+    lab_settings: "LabSettings",
+    merges_dir: str,
+    configs: List[str],
+    label: str = "",
+    progress: bool = True,
+    log: Optional[Callable[[str], None]] = None,
+    eval_kwargs: Optional[Dict[str, Any]] = None,
+    record: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Build (or reuse) the lab ``lab_dir`` with ``lab_settings`` and run the demo's ``configs``
+    (file names in ``merges_dir``) on it into ``out``; returns ``out/results.json``'s content.
+    Results for the same lab (its stage stamps) and the same configs (names and bytes), with no
+    failed merge, are reused, so an interrupted run resumes here. ``record``: written into the
+    results beside them (e.g. the seed)."""
+    from mergekit_safety.engine.data import file_hash
+    from mergekit_safety.lab.build import build_lab, plan_stages
+    from mergekit_safety.lab.demo import run_demo
+
+    log = log or (lambda msg: None)
+    done = os.path.join(out, "results.json")
+    previous = _read(done)
+    # what the results depend on: the lab (its stage stamps) and the configs (their bytes)
+    identity = {
+        "configs": list(configs),
+        "lab_stamps": {name: stage["stamp"] for name, stage in plan_stages(lab_settings.recipe())["models"].items()},
+        "config_hashes": {c: file_hash(os.path.join(merges_dir, c)) for c in configs
+                          if os.path.isfile(os.path.join(merges_dir, c))},
+    }
+    if previous is not None and all(previous.get(key) == value for key, value in identity.items()):
+        failed = [n for n, r in previous.get("models", {}).items() if "error" in r]
+        if not failed:
+            log(f"[{label}] results in {done}: reused")
+            return previous
+        log(f"[{label}] {len(failed)} failed before ({', '.join(failed)}): run again")
+    log(f"[{label}] lab {lab_dir}")
+    build_lab(lab_dir, lab_settings, progress=progress, log=log)
+    run_demo(workdir=out, lab_dir=lab_dir, merges_dir=merges_dir, build=False, progress=progress,
+             log=log, configs=configs, eval_kwargs=eval_kwargs)
+    result = _read(done)
+    result.update(identity, **(record or {}))
+    _write_json(done, result)  # marks the lab finished for the same configs
+    return result
 
 
 def aggregate(per_seed: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
