@@ -65,9 +65,9 @@ class SOMFSettings(LocatingSettings):
     artifact_depends_on_fusion: ClassVar[bool] = True  # the mask is trained through the fusion
     PRESETS: ClassVar[Dict[str, Dict[str, Any]]] = {
         "recipe": {"init": 1.0, "keep_rescale": False, "chosen_nll_weight": 0.5, "utility_weight": 10.0,
-                   "benign_weight": 0.0, "lr": 0.2, "steps": 6000, "stop_preference": 0.98},
+                   "benign_weight": 0.0, "prefix_weight": 0.0, "lr": 0.2, "steps": 6000, "stop_preference": 0.98},
         "paper": {"init": 0.0, "keep_rescale": True, "chosen_nll_weight": 0.0, "utility_weight": 0.0,
-                  "benign_weight": 0.0, "lr": 1e-2, "steps": 300, "stop_preference": 0.0},
+                  "benign_weight": 0.0, "prefix_weight": 0.0, "lr": 1e-2, "steps": 300, "stop_preference": 0.0},
     }
 
     preset: Literal["recipe", "paper"] = setting("recipe", "defaults of the parameters left empty: recipe (measured working recipe) or paper (Yi et al.'s setting)", locate=True)
@@ -91,6 +91,8 @@ class SOMFSettings(LocatingSettings):
     utility_weight: Optional[NonNegative] = setting(None, "weight of the utility term on utility_data (extension; 0 = off)", locate=True)
     utility_loss: Literal["kl", "ce"] = setting("kl", "utility term: kl to the unmasked fusion, or ce on the responses", locate=True)
     benign_weight: Optional[NonNegative] = setting(None, "weight of a DPO term on benign pairs from utility_data: the fusion's own answer (chosen) vs a refusal (rejected, the preference pairs' chosen answers) — against over-refusal; with the stopping rule, benign pairs are held aside and checked too (extension; 0 = off)", locate=True)
+    prefix_weight: Optional[NonNegative] = setting(None, "weight of an NLL on the first prefix_tokens tokens of the chosen answers (the refusal; with benign_weight also the fusion's own answer on benign prompts, scaled by benign_weight): greedy decoding decides a refusal there (extension; 0 = off)", locate=True)
+    prefix_tokens: PositiveInt = setting(1, "answer tokens that decide a refusal, for prefix_weight and stop_on: greedy", locate=True)
     sparsity_weight: NonNegative = setting(0.0, "weight of a penalty on the expected mask density (extension; 0 = off)", locate=True)
     entropy_weight: NonNegative = setting(0.0, "weight of a penalty on the mean binary entropy of σ(s): decided logits, so the exported binary mask is the model training saw (extension; 0 = off)", locate=True)
     # optimisation
@@ -100,7 +102,8 @@ class SOMFSettings(LocatingSettings):
     train_seed: int = setting(0, "seed of the mask training (batches, Concrete noise; DARE drop if `seed` is empty)", locate=True)
     # stopping rule (docs/somf.md): stop once the merge-time mask prefers the refusal on held-aside pairs
     stop_preference: Optional[UnitInterval] = setting(None, "stop when the binary mask prefers the chosen answer on this share of the held-aside pairs (0 = off: run `steps`)", locate=True)
-    stop_margin: float = setting(0.0, "by more than this many nats of log-likelihood", locate=True)
+    stop_on: Literal["likelihood", "greedy"] = setting("likelihood", "what 'prefers' means for the stopping rule: likelihood = log p(chosen) exceeds log p(rejected) by stop_margin nats; greedy = greedy decoding starts with the chosen answer's first prefix_tokens tokens (what a generation-based refusal metric sees)", locate=True)
+    stop_margin: float = setting(0.0, "by more than this many nats of log-likelihood (stop_on: likelihood)", locate=True)
     max_utility_kl: NonNegative = setting(0.0, "and (with utility data) the per-token KL to the unmasked fusion is at most this (0 = no bound)", locate=True)
     validation_share: UnitInterval = setting(0.125, "share of the pairs held aside for the stopping rule (never trained on)", locate=True)
     check_every: PositiveInt = setting(50, "steps between two checks of the stopping rule", locate=True)

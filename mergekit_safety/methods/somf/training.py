@@ -342,10 +342,25 @@ class FunctionalFusion:
             self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         return self._logits_to_keep
 
-    def response_logps(self, params, ids, att, resp) -> torch.Tensor:
-        """Σ log p(response tokens) per sequence, the head computed at response positions only."""
+    def response_logps(self, params, ids, att, resp, prefix_tokens: int = 0):
+        """Σ log p(response tokens) per sequence, the head computed at response positions only;
+        with ``prefix_tokens`` k > 0 also Σ log p of each answer's first k tokens (same pass)."""
         positions = response_positions(resp)
-        return sequence_logps(self.forward(params, ids, att, positions), ids, resp, positions)
+        logits = self.forward(params, ids, att, positions)
+        total = sequence_logps(logits, ids, resp, positions)
+        if not prefix_tokens:
+            return total
+        return total, sequence_logps(logits, ids, prefix_mask(resp, prefix_tokens), positions)
+
+    def greedy_prefix(self, params, ids, att, resp, prefix_tokens: int) -> torch.Tensor:
+        """Per row: greedy decoding starts with the row's answer — the argmax at each of its
+        first ``prefix_tokens`` answer positions is the answer's token (teacher forcing: while
+        they all match, the forced path is the greedy one)."""
+        positions = response_positions(resp)
+        logits = self.forward(params, ids, att, positions)
+        prefix = prefix_mask(resp, prefix_tokens)[:, positions + 1].to(logits.device).bool()
+        match = logits.argmax(-1) == ids[:, positions + 1].to(logits.device)
+        return (match | ~prefix).all(-1).cpu()
 
     def masked_elements(self) -> int:
         return sum(t.numel() for t in self.base.values())
@@ -449,6 +464,11 @@ def response_positions(resp: torch.Tensor) -> torch.Tensor:
     return resp[:, 1:].bool().any(0).nonzero().squeeze(1)
 
 
+def prefix_mask(resp: torch.Tensor, k: int) -> torch.Tensor:
+    """The response mask cut to each row's first ``k`` response tokens."""
+    return resp * (resp.cumsum(1) <= k).to(resp.dtype)
+
+
 def sequence_logps(logits: torch.Tensor, ids: torch.Tensor, resp: torch.Tensor,
                    positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Σ log p(token) over response tokens, per sequence (teacher forcing, right padding).
@@ -544,6 +564,10 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
     benign_ref = refs[1] if benign is not None else None
     ref_chosen, ref_rejected = ref[:n_pairs], ref[n_pairs:]
     chosen_tokens = resp[:n_pairs, 1:].sum(1).clamp(min=1).float()  # response tokens per chosen answer
+    prefix_on = settings.prefix_weight > 0
+    chosen_prefix = prefix_mask(resp[:n_pairs], settings.prefix_tokens)[:, 1:].sum(1).clamp(min=1).float()
+    benign_prefix = (prefix_mask(benign[2][:benign[3]], settings.prefix_tokens)[:, 1:].sum(1).clamp(min=1).float()
+                     if benign is not None else None)
 
     utility_ref = None
     if utility is not None and settings.utility_loss == "kl":
@@ -591,7 +615,9 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
 
         masks = fusion.sample_masks(noise_generator)
         params = fusion.parameters_for(masks, exact=False)
-        logps = fusion.response_logps(params, b_ids, b_att, b_resp)
+        logps = fusion.response_logps(params, b_ids, b_att, b_resp, settings.prefix_tokens if prefix_on else 0)
+        if prefix_on:
+            logps, prefix_logps = logps
         loss_dpo, accuracy = dpo_loss(logps[:batch], logps[batch:], ref_chosen[index].to(logps.device), ref_rejected[index].to(logps.device), settings.beta)
         loss = loss_dpo
         record = {"step": step, "dpo": float(loss_dpo.detach()), "reward_accuracy": float(accuracy)}
@@ -600,6 +626,11 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
             nll = -(logps[:batch] / chosen_tokens[index].to(logps.device)).mean()
             loss = loss + settings.chosen_nll_weight * nll
             record["chosen_nll"] = float(nll.detach())
+        if prefix_on:
+            # the refusal is decided in the answer's first tokens: NLL of the chosen answer's prefix
+            prefix_nll = -(prefix_logps[:batch] / chosen_prefix[index].to(logps.device)).mean()
+            loss = loss + settings.prefix_weight * prefix_nll
+            record["prefix_nll"] = float(prefix_nll.detach())
         if utility is not None:
             u_ids, u_att, u_resp = utility
             if u_position + batch > u_ids.shape[0]:
@@ -619,8 +650,13 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
             n_benign = benign[3]
             rows = torch.cat([b_index, b_index + n_benign])
             bb_ids, bb_att, bb_resp = _trim(benign[0][rows], benign[1][rows], benign[2][rows])
-            b_logps = fusion.response_logps(params, bb_ids, bb_att, bb_resp)
+            b_logps = fusion.response_logps(params, bb_ids, bb_att, bb_resp, settings.prefix_tokens if prefix_on else 0)
             k = len(b_index)
+            if prefix_on:  # and on benign prompts, the start of the fusion's own answer
+                b_logps, b_prefix = b_logps
+                benign_prefix_nll = -(b_prefix[:k] / benign_prefix[b_index].to(b_logps.device)).mean()
+                loss = loss + settings.benign_weight * settings.prefix_weight * benign_prefix_nll
+                record["benign_prefix_nll"] = float(benign_prefix_nll.detach())
             loss_benign, _ = dpo_loss(b_logps[:k], b_logps[k:], benign_ref[b_index].to(b_logps.device),
                                       benign_ref[b_index + n_benign].to(b_logps.device), settings.beta)
             loss = loss + settings.benign_weight * loss_benign
@@ -700,29 +736,33 @@ class StoppingRule:
         self.stopped: Optional[Dict[str, Any]] = None
 
     def _held_preference(self, fusion, params, ids, att, resp, held, n) -> torch.Tensor:
-        margins = []
+        """Per held-aside pair: whether the fusion prefers its chosen answer — by likelihood
+        (log p(chosen) − log p(rejected) > ``stop_margin``), or, with ``stop_on: greedy``, by
+        greedy decoding (it starts with the chosen answer's first ``prefix_tokens`` tokens)."""
+        settings = self.settings
+        out = []
         for start in range(0, held.numel(), self.batch):
             index = held[start:start + self.batch]
+            if settings.stop_on == "greedy":
+                b_ids, b_att, b_resp = _trim(ids[index], att[index], resp[index])
+                out.append(fusion.greedy_prefix(params, b_ids, b_att, b_resp, settings.prefix_tokens))
+                continue
             rows = torch.cat([index, index + n])
             b_ids, b_att, b_resp = _trim(ids[rows], att[rows], resp[rows])
             logps = fusion.response_logps(params, b_ids, b_att, b_resp).cpu()
-            margins.append(logps[: len(index)] - logps[len(index):])
-        return torch.cat(margins)
+            out.append(logps[: len(index)] - logps[len(index):] > settings.stop_margin)
+        return torch.cat(out)
 
     @torch.no_grad()
     def check(self, fusion, ids, att, resp, utility, utility_ref, step: int, benign=None) -> Dict[str, Any]:
         settings = self.settings
         params = fusion.parameters_for(fusion.fixed_masks("binary"))
-        margin = self._held_preference(fusion, params, ids, att, resp, self.held_index, ids.shape[0] // 2)
-        record: Dict[str, Any] = {
-            "step": step,
-            "preferred": float((margin > settings.stop_margin).float().mean()),
-            "median_margin": float(margin.median()),
-        }
+        preferred = self._held_preference(fusion, params, ids, att, resp, self.held_index, ids.shape[0] // 2)
+        record: Dict[str, Any] = {"step": step, "preferred": float(preferred.float().mean())}
         benign_ok = True
         if benign is not None and self.benign_held_index is not None:
-            benign_margin = self._held_preference(fusion, params, *benign[:3], self.benign_held_index, benign[3])
-            record["benign_preferred"] = float((benign_margin > settings.stop_margin).float().mean())
+            benign_preferred = self._held_preference(fusion, params, *benign[:3], self.benign_held_index, benign[3])
+            record["benign_preferred"] = float(benign_preferred.float().mean())
             benign_ok = record["benign_preferred"] >= settings.stop_preference
         utility_ok = True
         if utility is not None and settings.max_utility_kl > 0:
