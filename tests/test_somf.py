@@ -548,6 +548,98 @@ def test_benign_pairs_term_and_its_held_aside_check(family, data, tmp_path, monk
         training.train_mask(family["base"], experts_of(family), settings_for(family, data, benign_weight=1.0), progress=False)
 
 
+def test_prefix_mask_and_greedy_prefix_follow_the_answers_first_tokens(family, data):
+    """prefix_mask keeps each row's first k answer tokens; greedy_prefix is true exactly where
+    the argmax at those positions is the answer's token (checked against a full forward pass)."""
+    from mergekit_safety.methods.somf import training
+
+    resp = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
+    assert training.prefix_mask(resp, 2).tolist() == [[0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0]]
+    settings = settings_for(family, data, steps=1, modules="attention")
+    tokenizer = training.load_tokenizer(family["base"])
+    ids, att, resp, n = training.encode_pairs(data["pairs"], tokenizer, settings.max_length)
+    fusion = training.FunctionalFusion(family["base"], experts_of(family), settings)
+    params = fusion.parameters_for(fusion.fixed_masks("binary"))
+    rows = torch.arange(8)
+    b_ids, b_att, b_resp = training._trim(ids[rows], att[rows], resp[rows])
+    with torch.no_grad():
+        logits = fusion.forward(params, b_ids, b_att)
+        for k in (1, 3):
+            got = fusion.greedy_prefix(params, b_ids, b_att, b_resp, k)
+            expected = []
+            for r in range(len(rows)):
+                positions = training.prefix_mask(b_resp, k)[r, 1:].nonzero().squeeze(1)  # p predicts p + 1
+                expected.append(bool((logits[r, positions].argmax(-1) == b_ids[r, positions + 1]).all()))
+            assert got.tolist() == expected
+        total, prefix = fusion.response_logps(params, b_ids, b_att, b_resp, prefix_tokens=1)
+        assert torch.allclose(total, fusion.response_logps(params, b_ids, b_att, b_resp))
+        assert bool((prefix >= total - 1e-5).all()) and bool((prefix <= 0).all())  # a part of a sum of log p
+
+
+def test_prefix_term_and_greedy_stopping_rule(family, data, monkeypatch):
+    """prefix_weight adds an NLL on the refusals' first tokens (recorded, lowered, and changing
+    the mask); stop_on: greedy checks held-aside pairs by greedy decoding, not likelihood."""
+    from mergekit_safety.methods.somf import training
+
+    base = settings_for(family, data, steps=30, lr=0.05, modules="linear")
+    plain, _ = training.train_mask(family["base"], experts_of(family), base, progress=False)
+    prefixed, extra = training.train_mask(family["base"], experts_of(family),
+                                          base.model_copy(update={"prefix_weight": 5.0}), progress=False)
+    assert extra["history"][-1]["prefix_nll"] < extra["history"][0]["prefix_nll"]
+    assert any(not torch.equal(plain[k], prefixed[k]) for k in plain)
+
+    calls = []
+    original = training.FunctionalFusion.greedy_prefix
+
+    def spy(self, *args):
+        calls.append(args[-1])
+        return original(self, *args)
+
+    monkeypatch.setattr(training.FunctionalFusion, "greedy_prefix", spy)
+    rules = spy_on_stopping_rules(monkeypatch)
+    greedy = settings_for(family, data, steps=10, modules="attention", stop_preference=1.0, stop_on="greedy",
+                          prefix_tokens=2, check_every=5, validation_share=0.25)
+    logits, extra = training.train_mask(family["base"], experts_of(family), greedy, progress=False)
+    assert calls and set(calls) == {2}
+    # the recorded share is the held-aside pairs' greedy agreement under the merge-time mask
+    fusion = training.FunctionalFusion(family["base"], experts_of(family), greedy)
+    for name, value in logits.items():
+        fusion.logits[name].data.copy_(value)
+    ids, att, resp, _ = training.encode_pairs(data["pairs"], training.load_tokenizer(family["base"]), greedy.max_length)
+    held = rules[0].held_index
+    b = training._trim(ids[held], att[held], resp[held])
+    with torch.no_grad():
+        share = float(fusion.greedy_prefix(fusion.parameters_for(fusion.fixed_masks("binary")), *b, 2).float().mean())
+    # (the last check saw the final logits: training ends right after a check or at the cap's check)
+    assert extra["stopping"]["checks"][-1]["preferred"] == share
+
+
+def test_patience_stops_and_the_best_checks_mask_is_exported(family, data, monkeypatch):
+    """stop_patience ends training after that many checks without a better held-aside score;
+    stop_keep: best exports the best check's logits (the earliest among equals), not the last."""
+    from mergekit_safety.methods.somf import training
+
+    rules = spy_on_stopping_rules(monkeypatch)
+    # an impossible rule: every check scores 0, so the first check is the best
+    settings = settings_for(family, data, steps=40, lr=0.05, modules="attention", stop_preference=1.0,
+                            stop_margin=1e9, check_every=3, stop_patience=2, stop_keep="best")
+    logits, extra = training.train_mask(family["base"], experts_of(family), settings, progress=False)
+    stopping = extra["stopping"]
+    assert stopping["steps_run"] == 9 and "no better held-aside check for 2 checks" in stopping["reason"]
+    assert stopping["best"]["step"] == 3 and stopping["exported"] == "the best check's mask (step 3)"
+    best = rules[0].best_logits
+    assert all(torch.equal(logits[n], best[n]) for n in logits)
+    # the last step's logits differ from the exported ones (training went on after the best check)
+    last, _ = training.train_mask(family["base"], experts_of(family),
+                                  settings.model_copy(update={"stop_keep": "last"}), progress=False)
+    assert any(not torch.equal(last[n], logits[n]) for n in logits)
+    # without patience the cap is reached; "last" exports the last step's mask
+    _, extra = training.train_mask(family["base"], experts_of(family),
+                                   settings.model_copy(update={"stop_patience": 0, "steps": 6, "stop_keep": "last"}),
+                                   progress=False)
+    assert extra["stopping"]["steps_run"] == 6 and extra["stopping"]["exported"] == "the mask at the last step"
+
+
 # --------------------------------------------------------------------------- presets
 
 

@@ -89,3 +89,18 @@ def test_somf_variants_are_added_beside_the_defaults(tmp_path):
     assert spec["parameters"]["steps"] == 800 and spec["parameters"]["batch_size"] == 8 and spec["control"]
     with pytest.raises(ValueError, match="name:key=value"):
         safety.parse_variants("benign_weight=1.0")
+
+
+def test_a_changed_somf_recipe_makes_the_cached_somf_items_stale(tmp_path, monkeypatch):
+    """The SOMF items' identity (part of their cache stamp) carries the package's recipe: a
+    result measured under another recipe is not reused; the other methods' items are untouched."""
+    from mergekit_safety.methods.somf.method import SOMFSettings
+
+    paths = {"safety": str(tmp_path), "original": "/o", "aligned": "/a", "adapters": "/d"}
+    variants = {"benign": {"benign_weight": 1.0}}
+    before = safety.specs(paths, ["x"], "x", {"batch_size": 8}, variants)
+    monkeypatch.setitem(SOMFSettings.PRESETS, "recipe", {**SOMFSettings.PRESETS["recipe"], "lr": 0.123})
+    after = safety.specs(paths, ["x"], "x", {"batch_size": 8}, variants)
+    for name in before:
+        changed = before[name]["identity"] != after[name]["identity"]
+        assert changed == (before[name]["method"] == "somf"), name

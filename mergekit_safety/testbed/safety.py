@@ -126,12 +126,17 @@ def specs(paths: Dict[str, str], skills: Sequence[str], single: str, somf_extra:
         out[name] = {**common, "parameters": params, "control": False}
         out[name + "_random"] = {**common, "parameters": {**params, "control": "random"}, "control": True}
 
-    add("somf", "somf", somf, identity=dict(somf_extra or {}))
-    add(f"somf_single_{single}", "somf", somf, experts=single, identity=dict(somf_extra or {}))
+    # a SOMF result depends on the package's recipe too (the values the YAML leaves empty): a
+    # changed recipe makes the cached SOMF items stale
+    from mergekit_safety.methods.somf.method import SOMFSettings
+
+    recipe = {"recipe": SOMFSettings.PRESETS["recipe"]}
+    add("somf", "somf", somf, identity={**(somf_extra or {}), **recipe})
+    add(f"somf_single_{single}", "somf", somf, experts=single, identity={**(somf_extra or {}), **recipe})
     for variant, extra in (somf_variants or {}).items():
-        add(f"somf_{variant}", "somf", {**somf, **extra}, identity={**(somf_extra or {}), **extra})
+        add(f"somf_{variant}", "somf", {**somf, **extra}, identity={**(somf_extra or {}), **extra, **recipe})
         add(f"somf_single_{single}_{variant}", "somf", {**somf, **extra}, experts=single,
-            identity={**(somf_extra or {}), **extra})
+            identity={**(somf_extra or {}), **extra, **recipe})
     add("ssah", "ssah", ssah)
     add("antidote", "antidote", antidote)
     add("resta", "resta", unaligned)

@@ -690,6 +690,8 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
                 postfix["held_benign"] = f"{rule.checks[-1]['benign_preferred']:.3f}"
         bar.set_postfix(**postfix)
     bar.close()
+    if rule is not None:
+        rule.restored = rule.restore_best(fusion)
 
     logits = {name: value.detach().to("cpu", torch.float32).clone() for name, value in fusion.logits.items()}
     extra = summarize(fusion, settings, history, logits, started)
@@ -734,6 +736,10 @@ class StoppingRule:
         self.batch = batch
         self.checks: List[Dict[str, Any]] = []
         self.stopped: Optional[Dict[str, Any]] = None
+        self.best: Optional[Dict[str, Any]] = None
+        self.best_logits: Optional[Dict[str, torch.Tensor]] = None
+        self.patience_out: Optional[Dict[str, Any]] = None
+        self.restored: Optional[Dict[str, Any]] = None
 
     def _held_preference(self, fusion, params, ids, att, resp, held, n) -> torch.Tensor:
         """Per held-aside pair: whether the fusion prefers its chosen answer — by likelihood
@@ -774,14 +780,38 @@ class StoppingRule:
             record["utility_kl"] = float(kl)
             utility_ok = record["utility_kl"] <= settings.max_utility_kl
         record["stop"] = record["preferred"] >= settings.stop_preference and utility_ok and benign_ok
+        # the check's score: the weaker of the two held-aside shares (both must hold)
+        record["score"] = min(record["preferred"], record.get("benign_preferred", 1.0))
         self.checks.append(record)
+        if self.best is None or record["score"] > self.best["score"]:
+            self.best = record
+            if settings.stop_keep == "best":
+                self.best_logits = {n: v.detach().to("cpu", torch.float32).clone() for n, v in fusion.logits.items()}
+        elif settings.stop_patience and len(self.checks) - self.checks.index(self.best) - 1 >= settings.stop_patience:
+            record["stop"] = True  # no better check for `stop_patience` checks: more steps will not help
+            self.patience_out = record
         if record["stop"] and self.stopped is None:
             self.stopped = record
         return record
 
+    def restore_best(self, fusion) -> Optional[Dict[str, Any]]:
+        """With ``stop_keep: best`` and a rule that did not hold: put the best check's logits
+        back into ``fusion`` (the mask that is exported); returns that check, else None."""
+        if self.settings.stop_keep != "best" or self.best_logits is None:
+            return None
+        if self.stopped is not None and self.patience_out is None:
+            return None  # the rule held: the mask at that check is the one training stopped with
+        with torch.no_grad():
+            for name, value in self.best_logits.items():
+                fusion.logits[name].copy_(value.to(fusion.logits[name].device, fusion.logits[name].dtype))
+        return self.best
+
     def report(self, steps_run: int) -> Dict[str, Any]:
         settings = self.settings
-        if self.stopped is not None:
+        if self.patience_out is not None:
+            reason = (f"no better held-aside check for {settings.stop_patience} checks (best at step "
+                      f"{self.best['step']}: score {self.best['score']:.3f})")
+        elif self.stopped is not None:
             reason = (f"held-aside preference {self.stopped['preferred']:.3f} >= {settings.stop_preference}"
                       + (f" and benign preference {self.stopped['benign_preferred']:.3f} >= {settings.stop_preference}"
                          if "benign_preferred" in self.stopped else "")
@@ -790,13 +820,17 @@ class StoppingRule:
         else:
             reason = f"step cap {settings.steps} reached before the rule held"
         return {
-            "rule": {k: getattr(settings, k) for k in ("stop_preference", "stop_margin", "max_utility_kl",
-                                                         "validation_share", "check_every", "steps")},
+            "rule": {k: getattr(settings, k) for k in ("stop_preference", "stop_on", "stop_margin", "max_utility_kl",
+                                                         "validation_share", "check_every", "stop_patience",
+                                                         "stop_keep", "steps")},
             "held_aside_pairs": int(self.held_index.numel()),
             "held_aside_benign_pairs": int(self.benign_held_index.numel()) if self.benign_held_index is not None else 0,
             "steps_run": steps_run,
             "stopped_early": self.stopped is not None and steps_run < settings.steps,
             "reason": reason,
+            "best": self.best,
+            "exported": (f"the best check's mask (step {self.restored['step']})" if self.restored is not None
+                         else "the mask at the last step"),
             "checks": self.checks,
         }
 
