@@ -104,3 +104,12 @@ def test_a_changed_somf_recipe_makes_the_cached_somf_items_stale(tmp_path, monke
     for name in before:
         changed = before[name]["identity"] != after[name]["identity"]
         assert changed == (before[name]["method"] == "somf"), name
+
+
+def test_safety_merges_are_selected_by_family_or_by_name(tmp_path):
+    paths = {"safety": str(tmp_path), "original": "/o", "aligned": "/a", "adapters": "/d"}
+    specs = safety.specs(paths, ["x"], "x", {}, {"benign": {"benign_weight": 1.0}})
+    assert list(safety.select(specs, ["somf_benign"])) == ["somf_benign", "somf_benign_random"]
+    assert set(safety.select(specs, ["somf_single"])) == {
+        "somf_single_x", "somf_single_x_random", "somf_single_x_benign", "somf_single_x_benign_random"}
+    assert list(safety.select(specs, ["ssah", "nothing"])) == ["ssah", "ssah_random"]

@@ -81,7 +81,7 @@ HELP = {
     "safety_benign": "calibration benign prompts per kind (each skill, copy, benign requests)",
     "safety_weight": "weight of every expert in the safety merges (the best plain fusion's)",
     "safety_single": "the expert of the single-expert SOMF merge",
-    "safety_methods": "safety merges to run (each with its random control)",
+    "safety_methods": "safety merges to run (each with its random control): method families (somf, somf_single, ssah, ...) or merge names (e.g. somf_benign)",
     "keep_merges": "1 = keep the safety merges' model folders after their evaluation",
     "safety_somf": "extra SOMF parameters, comma-separated key=value (everything else: the package's defaults)",
     "safety_somf_variants": "SOMF variants beside the defaults: name:key=value,...;name2:... (each multi- and single-expert, with controls)",
@@ -452,7 +452,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         variants = safety.parse_variants(s["safety_somf_variants"])
         specs = safety.specs(paths, expert_skills, single, safety.parse_parameters(s["safety_somf"]), variants)
         wanted_methods = {m.strip() for m in s["safety_methods"].split(",") if m.strip()}
-        specs = {n: sp for n, sp in specs.items() if sp["family"] in wanted_methods}
+        specs = safety.select(specs, wanted_methods)
         for name, spec in specs.items():
             with open(os.path.join(folder, f"{name}.yml"), "w") as handle:
                 handle.write(safety.merge_yaml(spec, paths, expert_skills, s["safety_weight"], s["variant"]))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 from mergekit_safety.engine.data import read_jsonl, write_jsonl
 
@@ -178,3 +178,11 @@ def artifact_summary(cache: str, since: float) -> List[Tuple[str, Dict[str, Any]
                 with safe_open(p, "pt") as handle:
                     found.append((p, handle.metadata() or {}))
     return found
+
+
+def select(specs: Dict[str, Spec], wanted: Iterable[str]) -> Dict[str, Spec]:
+    """The merges named by ``wanted``: a method family (``somf``, ``somf_single``, ``ssah``, ...)
+    or a merge's name (``somf_benign``); a merge brings its random control along."""
+    wanted = set(wanted)
+    return {n: sp for n, sp in specs.items()
+            if sp["family"] in wanted or n in wanted or (n.endswith("_random") and n[: -len("_random")] in wanted)}
