@@ -454,6 +454,9 @@ def test_stopping_rule_stops_early_and_records_why(family, data):
     stopping = extra["stopping"]
     assert stopping["stopped_early"] and stopping["steps_run"] == 5
     assert stopping["held_aside_pairs"] == 6 and "held-aside preference" in stopping["reason"]
+    from mergekit_safety.methods.somf.method import rule_warning
+
+    assert stopping["held"] and rule_warning(stopping) is None
     assert stopping["checks"][0]["preferred"] == 1.0
 
     # an impossible rule runs to the cap and says so
@@ -627,6 +630,11 @@ def test_patience_stops_and_the_best_checks_mask_is_exported(family, data, monke
     stopping = extra["stopping"]
     assert stopping["steps_run"] == 9 and "no better held-aside check for 2 checks" in stopping["reason"]
     assert stopping["best"]["step"] == 3 and stopping["exported"] == "the best check's mask (step 3)"
+    assert not stopping["held"]
+    from mergekit_safety.methods.somf.method import rule_warning
+
+    warning = rule_warning(stopping)  # the user hears the held-aside figure before the merge
+    assert "did not hold" in warning and "at its best check (step 3)" in warning and "0 % of held-aside" in warning
     best = rules[0].best_logits
     assert all(torch.equal(logits[n], best[n]) for n in logits)
     # the last step's logits differ from the exported ones (training went on after the best check)

@@ -52,6 +52,23 @@ logger = logging.getLogger(__name__)
 LOGITS_ROLE = "logits"
 
 
+def rule_warning(stopping: Optional[Dict[str, Any]]) -> Optional[str]:
+    """A warning when the stopping rule did not hold: its held-aside figures are the best guess
+    of what the merged model does on new prompts, so the user hears them before merging."""
+    if not stopping or stopping.get("held"):
+        return None
+    best = stopping.get("best") or (stopping.get("checks") or [None])[-1]
+    if best is None:
+        return None
+    benign = (f" and keeps its own answer on {100 * best['benign_preferred']:.0f} % of held-aside benign prompts"
+              if "benign_preferred" in best else "")
+    measure = "starts the refusal" if stopping["rule"].get("stop_on") == "greedy" else "prefers the refusal"
+    return (f"somf: the stopping rule did not hold ({stopping['reason']}); at its best check (step {best['step']}) "
+            f"the mask {measure} on {100 * best['preferred']:.0f} % of held-aside harmful prompts{benign} "
+            f"(needed {100 * stopping['rule']['stop_preference']:.0f} %) — expect a refusal rate near that on new "
+            "harmful prompts; more preference pairs, lower expert weights or another backbone may help")
+
+
 class SOMFSettings(LocatingSettings):
     """Every SOMF parameter (validated; the locate settings are recorded in the artifact).
 
@@ -209,6 +226,9 @@ class SOMF(LocatingFusionMethod):
             request, extra["auto_data"] = self.auto_data(request, base, experts)
         settings = SOMFSettings.from_request(request)
         logits, trained = train_mask(base, experts, settings)
+        warning = rule_warning(trained.get("stopping"))
+        if warning:
+            logger.warning(warning)
         dtype = getattr(torch, settings.logits_dtype)
         tensors = {tensor_key(LOGITS_ROLE, name): store_logits(value, dtype) for name, value in logits.items()}
         return tensors, {**trained, **extra}

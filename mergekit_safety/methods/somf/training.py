@@ -826,6 +826,7 @@ class StoppingRule:
             "held_aside_pairs": int(self.held_index.numel()),
             "held_aside_benign_pairs": int(self.benign_held_index.numel()) if self.benign_held_index is not None else 0,
             "steps_run": steps_run,
+            "held": self.stopped is not None and self.patience_out is None,
             "stopped_early": self.stopped is not None and steps_run < settings.steps,
             "reason": reason,
             "best": self.best,
