@@ -574,6 +574,9 @@ def test_prefix_mask_and_greedy_prefix_follow_the_answers_first_tokens(family, d
                 positions = training.prefix_mask(b_resp, k)[r, 1:].nonzero().squeeze(1)  # p predicts p + 1
                 expected.append(bool((logits[r, positions].argmax(-1) == b_ids[r, positions + 1]).all()))
             assert got.tolist() == expected
+            # a margin asks for a confident decision: none is infinitely sure, any passes -inf
+            assert not fusion.greedy_prefix(params, b_ids, b_att, b_resp, k, 1e9).any()
+            assert fusion.greedy_prefix(params, b_ids, b_att, b_resp, k, float("-inf")).all()
         total, prefix = fusion.response_logps(params, b_ids, b_att, b_resp, prefix_tokens=1)
         assert torch.allclose(total, fusion.response_logps(params, b_ids, b_att, b_resp))
         assert bool((prefix >= total - 1e-5).all()) and bool((prefix <= 0).all())  # a part of a sum of log p
@@ -595,7 +598,7 @@ def test_prefix_term_and_greedy_stopping_rule(family, data, monkeypatch):
     original = training.FunctionalFusion.greedy_prefix
 
     def spy(self, *args):
-        calls.append(args[-1])
+        calls.append(args[4])  # prefix_tokens
         return original(self, *args)
 
     monkeypatch.setattr(training.FunctionalFusion, "greedy_prefix", spy)

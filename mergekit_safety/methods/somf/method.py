@@ -122,7 +122,7 @@ class SOMFSettings(LocatingSettings):
     stop_on: Literal["likelihood", "greedy"] = setting("likelihood", "what 'prefers' means for the stopping rule: likelihood = log p(chosen) exceeds log p(rejected) by stop_margin nats; greedy = greedy decoding starts with the chosen answer's first prefix_tokens tokens (what a generation-based refusal metric sees)", locate=True)
     stop_patience: NonNegativeInt = setting(0, "also stop after this many checks without a better held-aside score (0 = off)", locate=True)
     stop_keep: Literal["last", "best"] = setting("last", "mask exported when the rule does not hold: last = the last step's, best = the check with the best held-aside score (the weaker of the harmful and benign shares; the earliest among equals)", locate=True)
-    stop_margin: float = setting(0.0, "by more than this many nats of log-likelihood (stop_on: likelihood)", locate=True)
+    stop_margin: float = setting(0.0, "by more than this many nats: of log-likelihood (stop_on: likelihood), or of log-probability over every other token at each decision token (stop_on: greedy)", locate=True)
     max_utility_kl: NonNegative = setting(0.0, "and (with utility data) the per-token KL to the unmasked fusion is at most this (0 = no bound)", locate=True)
     validation_share: UnitInterval = setting(0.125, "share of the pairs held aside for the stopping rule (never trained on)", locate=True)
     check_every: PositiveInt = setting(50, "steps between two checks of the stopping rule", locate=True)

@@ -352,15 +352,18 @@ class FunctionalFusion:
             return total
         return total, sequence_logps(logits, ids, prefix_mask(resp, prefix_tokens), positions)
 
-    def greedy_prefix(self, params, ids, att, resp, prefix_tokens: int) -> torch.Tensor:
-        """Per row: greedy decoding starts with the row's answer — the argmax at each of its
-        first ``prefix_tokens`` answer positions is the answer's token (teacher forcing: while
-        they all match, the forced path is the greedy one)."""
+    def greedy_prefix(self, params, ids, att, resp, prefix_tokens: int, margin: float = 0.0) -> torch.Tensor:
+        """Per row: greedy decoding starts with the row's answer — at each of its first
+        ``prefix_tokens`` answer positions the answer's token beats every other token by more
+        than ``margin`` nats of log-probability (0: it is the argmax; teacher forcing: while they
+        all match, the forced path is the greedy one)."""
         positions = response_positions(resp)
-        logits = self.forward(params, ids, att, positions)
-        prefix = prefix_mask(resp, prefix_tokens)[:, positions + 1].to(logits.device).bool()
-        match = logits.argmax(-1) == ids[:, positions + 1].to(logits.device)
-        return (match | ~prefix).all(-1).cpu()
+        logps = torch.log_softmax(self.forward(params, ids, att, positions).float(), -1)
+        prefix = prefix_mask(resp, prefix_tokens)[:, positions + 1].to(logps.device).bool()
+        target = ids[:, positions + 1].to(logps.device).unsqueeze(-1)
+        chosen = logps.gather(-1, target).squeeze(-1)
+        best_other = logps.scatter(-1, target, float("-inf")).max(-1).values
+        return ((chosen - best_other > margin) | ~prefix).all(-1).cpu()
 
     def masked_elements(self) -> int:
         return sum(t.numel() for t in self.base.values())
@@ -751,7 +754,7 @@ class StoppingRule:
             index = held[start:start + self.batch]
             if settings.stop_on == "greedy":
                 b_ids, b_att, b_resp = _trim(ids[index], att[index], resp[index])
-                out.append(fusion.greedy_prefix(params, b_ids, b_att, b_resp, settings.prefix_tokens))
+                out.append(fusion.greedy_prefix(params, b_ids, b_att, b_resp, settings.prefix_tokens, settings.stop_margin))
                 continue
             rows = torch.cat([index, index + n])
             b_ids, b_att, b_resp = _trim(ids[rows], att[rows], resp[rows])
