@@ -121,7 +121,9 @@ def calibration_figures(mask_path: str) -> Optional[Dict[str, Any]]:
     extra = json.loads(meta.get("extra", "{}"))
     stopping = extra.get("stopping") or {}
     checks = stopping.get("checks") or []
-    last = checks[-1] if checks else {}
+    # the check whose mask was exported: the best one when it was restored, else the last
+    last = (stopping.get("best") or {}) if str(stopping.get("exported", "")).startswith("the best") else (
+        checks[-1] if checks else {})
     binary = extra.get("binary_mask_eval") or {}
     return {
         "held_preferred": last.get("preferred"),
@@ -129,9 +131,10 @@ def calibration_figures(mask_path: str) -> Optional[Dict[str, Any]]:
         "held_utility_kl": last.get("utility_kl"),
         "pairs_preferred": binary.get("chosen_preferred"),
         "pairs_first_token": binary.get("chosen_first_token_greedy"),
-        "stopped_at": (stopping.get("stopped") or {}).get("step"),
+        "checked_step": last.get("step"),
+        "rule_held": stopping.get("held"),
         "stop_reason": stopping.get("reason"),
-        "steps_run": (extra.get("history") or [{}])[-1].get("step"),
+        "steps_run": stopping.get("steps_run", (extra.get("history") or [{}])[-1].get("step", -1) + 1),
         "training_seconds": extra.get("training_seconds"),
         "mask_density": extra.get("mask_density_binary"),
     }
@@ -240,15 +243,16 @@ def render_markdown(result: Dict[str, Any]) -> str:
     """One table: every variant × SOMF case, evaluation figures beside calibration figures."""
     recipe = ", ".join(f"`{k}: {v}`" for k, v in result["recipe"].items()) or "the package defaults"
     head = ["variant", "case", "refusal %", "over-refusal %", "retention", "control refusal gap",
-            "held pref (cal.)", "held benign (cal.)", "stopped", "targets"]
+            "held pref (cal.)", "held benign (cal.)", "training", "targets"]
     lines = [f"Recipe: {recipe}. Calibration score (worst held-aside preference): "
              f"{result.get('calibration_score')}", "",
              "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 3) + "---|"]
     for name, v in result["variants"].items():
         for case in TARGETS:
             row, cal = v["rows"][case], v["calibration"].get(case) or {}
-            stopped = (f"step {cal['stopped_at']}" if cal.get("stopped_at") is not None
-                       else (f"cap ({cal['steps_run'] + 1})" if cal.get("steps_run") is not None else "-"))
+            stopped = ("-" if cal.get("steps_run") is None else
+                       f"{cal['steps_run']} steps, " + ("rule held" if cal.get("rule_held") else
+                                                            f"best check at {cal.get('checked_step')}"))
             lines.append("| " + " | ".join([
                 name, case, _pct(row.get("refusal_rate")), _pct(row.get("over_refusal_rate")),
                 "-" if row.get("retention") is None else f"{row['retention']:.2f}",
