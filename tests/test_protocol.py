@@ -65,7 +65,8 @@ def test_protocol_runs_a_tiny_variant_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setitem(protocol.VARIANTS, "tiny", {"quick": True, "experts": 2, "pretrain_steps": 60,
                                                     "align_steps": 30, "expert_steps": 30})
-    recipe = protocol.parse_recipe("steps=4,check_every=2,stop_preference=0.5,batch_size=4,max_length=64")
+    recipe = protocol.parse_recipe("steps=4,check_every=2,stop_preference=0.5,batch_size=4,max_length=64,"
+                                   "stop_on=greedy")
     kwargs = dict(workdir=str(tmp_path / "work"), lab_root=str(tmp_path / "labs"), recipe=recipe,
                   progress=False, eval_kwargs={"limit": 12})
     res = protocol.run_protocol(["tiny"], **kwargs)
@@ -77,6 +78,10 @@ def test_protocol_runs_a_tiny_variant_and_resumes(tmp_path, monkeypatch):
         assert isinstance(row["misses"], list)
         assert 1 <= cal["steps_run"] <= 4 and cal["checked_step"] in (2, 4)
         assert 0.0 <= cal["held_preferred"] <= 1.0 and cal["stop_reason"]
+        # the same held-aside split measured by greedy decoding, for any recipe; the recipe's own
+        # rule is greedy here (margin 0, one token), so the two agree on the exported mask
+        greedy = cal["greedy"]
+        assert greedy["clean"] and greedy["harmful_pairs"] == 16 and greedy["harmful"] == cal["held_preferred"]
     saved = json.load(open(tmp_path / "work" / "protocol.json"))
     assert saved["recipe"] == recipe and set(saved["variants"]) == {"tiny"}
     table = open(tmp_path / "work" / "protocol.md").read()

@@ -110,8 +110,26 @@ def variant_configs(lab_dir: str, expert_skills: Sequence[str], recipe: Dict[str
     }
 
 
-def calibration_figures(mask_path: str) -> Optional[Dict[str, Any]]:
-    """The calibration-side figures of a learned SOMF mask, from its artifact's metadata."""
+def held_aside_figures(config_path: str, mask_path: str) -> Dict[str, Any]:
+    """Greedy held-aside shares of a learned mask (``held_aside_greedy``), from its config."""
+    from mergekit_safety.fusion.artifacts import open_artifact, tensor_key
+    from mergekit_safety.fusion.models import resolve_model
+    from mergekit_safety.methods.somf.method import LOGITS_ROLE, SOMFSettings
+    from mergekit_safety.methods.somf.training import held_aside_greedy
+    from mergekit_safety.plugin.config import request_from_config
+
+    _, request = request_from_config(config_path)
+    settings = SOMFSettings.from_request(request)
+    artifact = open_artifact(mask_path)
+    prefix = tensor_key(LOGITS_ROLE, "")
+    logits = {key[len(prefix):]: artifact.get(key).float() for key in artifact.keys() if key.startswith(prefix)}
+    return held_aside_greedy(resolve_model(request.base), [resolve_model(e) for e in request.experts], settings,
+                             logits, prefix_tokens=settings.prefix_tokens)
+
+
+def calibration_figures(mask_path: str, config_path: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The calibration-side figures of a learned SOMF mask, from its artifact's metadata (and,
+    with its config, the greedy held-aside shares measured the same way for every recipe)."""
     from safetensors import safe_open
 
     if not os.path.isfile(mask_path):
@@ -137,6 +155,7 @@ def calibration_figures(mask_path: str) -> Optional[Dict[str, Any]]:
         "steps_run": stopping.get("steps_run", (extra.get("history") or [{}])[-1].get("step", -1) + 1),
         "training_seconds": extra.get("training_seconds"),
         "mask_density": extra.get("mask_density_binary"),
+        "greedy": held_aside_figures(config_path, mask_path) if config_path else None,
     }
 
 
@@ -226,7 +245,8 @@ def run_protocol(
             rows[case]["misses"] = target_misses(case, rows[case])
         out["variants"][name] = {
             "lab": lab_dir, "experts": len(skills), "plain": result.get("plain"), "rows": rows,
-            "calibration": {case: calibration_figures(os.path.join(vdir, "masks", f"{case}.safetensors"))
+            "calibration": {case: calibration_figures(os.path.join(vdir, "masks", f"{case}.safetensors"),
+                                                      os.path.join(merges_dir, f"{case}.yml"))
                             for case in TARGETS},
         }
     out["calibration_score"] = calibration_score(out["variants"])

@@ -954,3 +954,39 @@ def summarize(fusion, settings, history, logits, started) -> Dict[str, Any]:
         "device": settings.device,
         "dtype": settings.dtype,
     }
+
+
+@torch.no_grad()
+def held_aside_greedy(base_path: str, expert_paths: Sequence[str], settings, logits: Dict[str, torch.Tensor],
+                      prefix_tokens: int = 1) -> Dict[str, Any]:
+    """The stopping rule's held-aside split, measured for any learned mask by greedy decoding:
+    the share of held-aside harmful pairs whose greedy answer starts with the refusal, and of
+    held-aside benign pairs (``utility_data``) whose greedy answer starts with the fusion's own
+    answer — one calibration figure for every recipe, whatever its own rule measured.
+    ``clean`` says whether training held those pairs aside (a stopping rule was on; for the
+    benign ones, with ``benign_weight``: without it the utility term trained on their prompts)."""
+    greedy = settings.model_copy(update={"stop_on": "greedy", "prefix_tokens": prefix_tokens, "stop_margin": 0.0})
+    tokenizer = load_tokenizer(base_path)
+    ids, att, resp, n_pairs = encode_pairs(settings.preference_data, tokenizer, settings.max_length)
+    benign = (encode_benign_pairs(settings.utility_data, settings.preference_data, tokenizer, settings.max_length)
+              if settings.utility_data else None)
+    batch = min(settings.batch_size, n_pairs)
+    rule = StoppingRule(greedy, n_pairs, batch, n_benign=benign[3] if benign is not None else 0)
+    fusion = FunctionalFusion(base_path, expert_paths, greedy, progress=False)
+    missing = sorted(set(fusion.logits) - set(logits))
+    if missing:
+        raise SOMFTrainingError(f"somf: the mask has no logits for {len(missing)} masked tensors (e.g. {missing[0]})")
+    for name, value in fusion.logits.items():
+        value.data.copy_(logits[name].to(value.device, value.dtype))
+    params = fusion.parameters_for(fusion.fixed_masks("binary"))
+    out: Dict[str, Any] = {
+        "harmful": float(rule._held_preference(fusion, params, ids, att, resp, rule.held_index, n_pairs).float().mean()),
+        "harmful_pairs": int(rule.held_index.numel()),
+        "clean": settings.stop_preference > 0,
+    }
+    if benign is not None:
+        out["benign"] = float(rule._held_preference(fusion, params, *benign[:3], rule.benign_held_index,
+                                                    benign[3]).float().mean())
+        out["benign_pairs"] = int(rule.benign_held_index.numel())
+        out["benign_clean"] = settings.stop_preference > 0 and settings.benign_weight > 0
+    return out
