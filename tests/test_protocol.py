@@ -49,12 +49,12 @@ def test_target_misses_name_the_gap():
     assert protocol.target_misses("somf_single", met) == ["retention 0.850 < 0.95"]
 
 
-def test_calibration_score_is_the_worst_held_aside_preference():
-    variants = {"a": {"calibration": {"somf": {"held_preferred": 0.97, "held_benign_preferred": 1.0}}},
-                "b": {"calibration": {"somf": {"held_preferred": 1.0, "held_benign_preferred": 0.94}}}}
-    assert protocol.calibration_score(variants) == 0.94
-    variants["b"]["calibration"]["somf_ties"] = {"held_preferred": None}
-    assert protocol.calibration_score(variants) is None  # a mask without the rule cannot be scored
+def test_calibration_score_is_the_worst_greedy_held_aside_share():
+    variants = {"a": {"calibration": {"somf": {"held_preferred": 0.5, "greedy": {"harmful": 0.97, "benign": 1.0}}}},
+                "b": {"calibration": {"somf": {"held_preferred": 1.0, "greedy": {"harmful": 1.0, "benign": 0.94}}}}}
+    assert protocol.calibration_score(variants) == 0.94  # the greedy figure, not the rule's own
+    variants["b"]["calibration"]["somf_ties"] = {"held_preferred": 1.0, "greedy": None}
+    assert protocol.calibration_score(variants) is None  # a mask without the figure cannot be scored
 
 
 @pytest.mark.slow
@@ -66,7 +66,7 @@ def test_protocol_runs_a_tiny_variant_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setitem(protocol.VARIANTS, "tiny", {"quick": True, "experts": 2, "pretrain_steps": 60,
                                                     "align_steps": 30, "expert_steps": 30})
     recipe = protocol.parse_recipe("steps=4,check_every=2,stop_preference=0.5,batch_size=4,max_length=64,"
-                                   "stop_on=greedy")
+                                   "stop_on=greedy,prefix_tokens=4")
     kwargs = dict(workdir=str(tmp_path / "work"), lab_root=str(tmp_path / "labs"), recipe=recipe,
                   progress=False, eval_kwargs={"limit": 12})
     res = protocol.run_protocol(["tiny"], **kwargs)
@@ -78,9 +78,9 @@ def test_protocol_runs_a_tiny_variant_and_resumes(tmp_path, monkeypatch):
         assert isinstance(row["misses"], list)
         assert 1 <= cal["steps_run"] <= 4 and cal["checked_step"] in (2, 4)
         assert 0.0 <= cal["held_preferred"] <= 1.0 and cal["stop_reason"]
-        # the same held-aside split measured by greedy decoding, for any recipe; the recipe's own
-        # rule is greedy here (margin 0, one token), so the two agree on the exported mask
+        # the same held-aside split measured by greedy decoding, for any recipe
         greedy = cal["greedy"]
+        # (the recipe's rule is greedy on 4 tokens with margin 0 here, so the two figures agree)
         assert greedy["clean"] and greedy["harmful_pairs"] == 16 and greedy["harmful"] == cal["held_preferred"]
     saved = json.load(open(tmp_path / "work" / "protocol.json"))
     assert saved["recipe"] == recipe and set(saved["variants"]) == {"tiny"}
