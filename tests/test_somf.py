@@ -620,6 +620,28 @@ def test_prefix_term_and_greedy_stopping_rule(family, data, monkeypatch):
     assert extra["stopping"]["checks"][-1]["preferred"] == share
 
 
+def test_greedy_rule_on_benign_pairs_counts_answers_that_do_not_start_refusing(family, data, tmp_path, monkeypatch):
+    """stop_on: greedy, benign side: a held-aside benign prompt counts when greedy decoding
+    does not start with the refusal (any other answer is fine) — the over-refusal view."""
+    from mergekit_safety.methods.somf import training
+
+    rules = spy_on_stopping_rules(monkeypatch)
+    settings = settings_for(family, data, utility_data=data["utility"], benign_weight=1.0, steps=4,
+                            modules="attention", stop_preference=1.0, stop_on="greedy", prefix_tokens=3,
+                            check_every=4, validation_share=0.25)
+    logits, extra = training.train_mask(family["base"], experts_of(family), settings, progress=False)
+    tokenizer = training.load_tokenizer(family["base"])
+    ids, att, resp, n = training.encode_benign_pairs(data["utility"], data["pairs"], tokenizer, settings.max_length)
+    fusion = training.FunctionalFusion(family["base"], experts_of(family), settings)
+    for name, value in logits.items():
+        fusion.logits[name].data.copy_(value)
+    held = rules[0].benign_held_index
+    with torch.no_grad():
+        params = fusion.parameters_for(fusion.fixed_masks("binary"))
+        refusing = fusion.greedy_prefix(params, *training._trim(ids[held + n], att[held + n], resp[held + n]), 3)
+    assert extra["stopping"]["checks"][-1]["benign_preferred"] == float((~refusing).float().mean())
+
+
 def test_patience_stops_and_the_best_checks_mask_is_exported(family, data, monkeypatch):
     """stop_patience ends training after that many checks without a better held-aside score;
     stop_keep: best exports the best check's logits (the earliest among equals), not the last."""

@@ -744,17 +744,24 @@ class StoppingRule:
         self.patience_out: Optional[Dict[str, Any]] = None
         self.restored: Optional[Dict[str, Any]] = None
 
-    def _held_preference(self, fusion, params, ids, att, resp, held, n) -> torch.Tensor:
+    def _held_preference(self, fusion, params, ids, att, resp, held, n, benign: bool = False) -> torch.Tensor:
         """Per held-aside pair: whether the fusion prefers its chosen answer — by likelihood
         (log p(chosen) − log p(rejected) > ``stop_margin``), or, with ``stop_on: greedy``, by
-        greedy decoding (it starts with the chosen answer's first ``prefix_tokens`` tokens)."""
+        greedy decoding: on a harmful pair, it starts with the refusal's first ``prefix_tokens``
+        tokens (each ahead by ``stop_margin``); on a ``benign`` pair, it does *not* start with the
+        refusal (any other answer will do: what an over-refusal count sees)."""
         settings = self.settings
         out = []
         for start in range(0, held.numel(), self.batch):
             index = held[start:start + self.batch]
             if settings.stop_on == "greedy":
-                b_ids, b_att, b_resp = _trim(ids[index], att[index], resp[index])
-                out.append(fusion.greedy_prefix(params, b_ids, b_att, b_resp, settings.prefix_tokens, settings.stop_margin))
+                rows = index + n if benign else index  # benign: the rejected rows are the refusals
+                b_ids, b_att, b_resp = _trim(ids[rows], att[rows], resp[rows])
+                if benign:
+                    out.append(~fusion.greedy_prefix(params, b_ids, b_att, b_resp, settings.prefix_tokens))
+                else:
+                    out.append(fusion.greedy_prefix(params, b_ids, b_att, b_resp, settings.prefix_tokens,
+                                                    settings.stop_margin))
                 continue
             rows = torch.cat([index, index + n])
             b_ids, b_att, b_resp = _trim(ids[rows], att[rows], resp[rows])
@@ -770,7 +777,8 @@ class StoppingRule:
         record: Dict[str, Any] = {"step": step, "preferred": float(preferred.float().mean())}
         benign_ok = True
         if benign is not None and self.benign_held_index is not None:
-            benign_preferred = self._held_preference(fusion, params, *benign[:3], self.benign_held_index, benign[3])
+            benign_preferred = self._held_preference(fusion, params, *benign[:3], self.benign_held_index, benign[3],
+                                                     benign=True)
             record["benign_preferred"] = float(benign_preferred.float().mean())
             benign_ok = record["benign_preferred"] >= settings.stop_preference
         utility_ok = True
@@ -786,7 +794,10 @@ class StoppingRule:
         # the check's score: the weaker of the two held-aside shares (both must hold)
         record["score"] = min(record["preferred"], record.get("benign_preferred", 1.0))
         self.checks.append(record)
-        if self.best is None or record["score"] > self.best["score"]:
+        # better: a higher weaker share, or the same with a higher other one (a flat benign share
+        # must not pin the best check while the harmful one still rises)
+        rank = (record["score"], record["preferred"] + record.get("benign_preferred", 1.0))
+        if self.best is None or rank > (self.best["score"], self.best["preferred"] + self.best.get("benign_preferred", 1.0)):
             self.best = record
             if settings.stop_keep == "best":
                 self.best_logits = {n: v.detach().to("cpu", torch.float32).clone() for n, v in fusion.logits.items()}
@@ -986,7 +997,7 @@ def held_aside_greedy(base_path: str, expert_paths: Sequence[str], settings, log
     }
     if benign is not None:
         out["benign"] = float(rule._held_preference(fusion, params, *benign[:3], rule.benign_held_index,
-                                                    benign[3]).float().mean())
+                                                    benign[3], benign=True).float().mean())
         out["benign_pairs"] = int(rule.benign_held_index.numel())
         out["benign_clean"] = settings.stop_preference > 0 and settings.benign_weight > 0
     return out
