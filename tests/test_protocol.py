@@ -93,5 +93,11 @@ def test_protocol_runs_a_tiny_variant_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_module, "run_demo", no_merge)
     again = protocol.run_protocol(["tiny"], **kwargs)
     assert again["variants"]["tiny"]["rows"] == v["rows"]
+    # report only: the finished variant is in the table, an unfinished one is named, nothing runs
+    monkeypatch.setitem(protocol.VARIANTS, "tiny2", {**protocol.VARIANTS["tiny"], "seed": 5})
+    report = protocol.run_protocol(["tiny", "tiny2"], **kwargs, report_only=True)
+    assert list(report["variants"]) == ["tiny"] and report["not_run"] == ["tiny2"]
+    assert not os.path.isdir(tmp_path / "labs" / "tiny2" / "aligned")
+    assert "Not run yet: tiny2." in open(tmp_path / "work" / "protocol.md").read()
     with pytest.raises(ValueError, match="unknown lab variant"):
         protocol.run_protocol(["seed9"], **kwargs)

@@ -207,10 +207,13 @@ def run_protocol(
     progress: bool = True,
     log: Optional[Callable[[str], None]] = None,
     eval_kwargs: Optional[Dict[str, Any]] = None,
+    report_only: bool = False,
 ) -> Dict[str, Any]:
     """Run the recipe on every variant (labs in ``{lab_root}/{variant}``, shared by recipes;
     configs, masks and results in ``{workdir}/{variant}``) and write ``{workdir}/protocol.json``
-    and ``.md``. Resumable: a finished variant is reused, a learned mask is not learned again."""
+    and ``.md``. Resumable: a finished variant is reused, a learned mask is not learned again.
+    ``report_only``: run nothing; the table holds the finished variants, the others are listed
+    under ``not_run``."""
     import yaml
 
     from mergekit_safety.lab.build import LabSettings
@@ -220,7 +223,7 @@ def run_protocol(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         raise ValueError(f"unknown lab variant(s) {unknown or variants}; known: {', '.join(VARIANTS)}")
-    out: Dict[str, Any] = {"recipe": recipe, "variants": {}}
+    out: Dict[str, Any] = {"recipe": recipe, "variants": {}, "not_run": []}
     for k, name in enumerate(variants, start=1):
         settings = replace(LabSettings(), **VARIANTS[name])
         lab_dir = os.path.join(lab_root, name)
@@ -238,7 +241,10 @@ def run_protocol(
             names.append(f"{case}.yml")
         result = run_lab_configs(os.path.join(vdir, "demo"), lab_dir, settings, merges_dir, names,
                                  label=f"{name}: {k}/{len(variants)}", progress=progress, log=log,
-                                 eval_kwargs=eval_kwargs, record={"variant": name})
+                                 eval_kwargs=eval_kwargs, record={"variant": name}, reuse_only=report_only)
+        if result is None:
+            out["not_run"].append(name)
+            continue
         models = result.get("models", {})
         rows = {}
         for case in CASES:
@@ -277,8 +283,9 @@ def render_markdown(result: Dict[str, Any]) -> str:
     head = ["variant", "case", "refusal %", "over-refusal %", "retention", "control refusal gap",
             "held harmful / benign (rule)", f"held harmful / benign (greedy, {SELECTION_PREFIX_TOKENS} tokens)",
             "training", "targets"]
+    not_run = (f" Not run yet: {', '.join(result['not_run'])}." if result.get("not_run") else "")
     lines = [f"Recipe: {recipe}. Calibration score (worst greedy held-aside share): "
-             f"{result.get('calibration_score')}", "",
+             f"{result.get('calibration_score')}.{not_run}", "",
              "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 3) + "---|"]
     for name, v in result["variants"].items():
         for case in TARGETS:
@@ -309,12 +316,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     @click.option("--lab-root", default="lab-variants", show_default=True, type=click.Path(file_okay=False),
                   help="Where the variants' labs are built (shared by recipes).")
     @click.option("--no-progress", is_flag=True, help="No progress bars.")
-    def cli(variants, recipe, workdir, lab_root, no_progress):
+    @click.option("--report-only", is_flag=True, help="Run nothing: write the table of the finished variants.")
+    def cli(variants, recipe, workdir, lab_root, no_progress, report_only):
         """Run SOMF's tuning protocol for one recipe on the lab variants."""
         try:
             parsed = parse_recipe(recipe)
             result = run_protocol([v.strip() for v in variants.split(",") if v.strip()], workdir, lab_root,
-                                  parsed, progress=not no_progress, log=click.echo)
+                                  parsed, progress=not no_progress, log=click.echo, report_only=report_only)
         except ValueError as e:
             raise click.UsageError(str(e))
         click.echo(render_markdown(result))

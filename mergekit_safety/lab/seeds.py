@@ -70,12 +70,13 @@ def run_lab_configs(
     log: Optional[Callable[[str], None]] = None,
     eval_kwargs: Optional[Dict[str, Any]] = None,
     record: Optional[Dict[str, Any]] = None,
-) -> Dict[str, Any]:
+    reuse_only: bool = False,
+) -> Optional[Dict[str, Any]]:
     """Build (or reuse) the lab ``lab_dir`` with ``lab_settings`` and run the demo's ``configs``
     (file names in ``merges_dir``) on it into ``out``; returns ``out/results.json``'s content.
     Results for the same lab (its stage stamps) and the same configs (names and bytes), with no
     failed merge, are reused, so an interrupted run resumes here. ``record``: written into the
-    results beside them (e.g. the seed)."""
+    results beside them (e.g. the seed). ``reuse_only``: return finished results or None, run nothing."""
     from mergekit_safety.engine.data import file_hash
     from mergekit_safety.lab.build import build_lab, plan_stages
     from mergekit_safety.lab.demo import run_demo
@@ -95,7 +96,11 @@ def run_lab_configs(
         if not failed:
             log(f"[{label}] results in {done}: reused")
             return previous
+        if reuse_only:
+            return None
         log(f"[{label}] {len(failed)} failed before ({', '.join(failed)}): run again")
+    if reuse_only:
+        return None
     log(f"[{label}] lab {lab_dir}")
     build_lab(lab_dir, lab_settings, progress=progress, log=log)
     run_demo(workdir=out, lab_dir=lab_dir, merges_dir=merges_dir, build=False, progress=progress,
