@@ -11,7 +11,7 @@ resumable per variant; masks cached in the variant's folder).
 
 Two kinds of figures come out, kept apart:
 
-* **calibration** — read from each learned mask's artifact: the stopping rule's last check on
+* **calibration** — read from each learned mask's artifact: the stopping rule's exported check on
   the held-aside pairs (refusal preferred, benign answer preferred, per-token KL), the binary
   mask's preference on all calibration pairs, where and why training stopped. Only these may
   choose between recipes (:func:`calibration_score`).
@@ -21,7 +21,6 @@ Two kinds of figures come out, kept apart:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -115,9 +114,10 @@ def variant_configs(lab_dir: str, expert_skills: Sequence[str], recipe: Dict[str
     }
 
 
-def held_aside_figures(config_path: str, mask_path: str) -> Dict[str, Any]:
-    """Greedy held-aside shares of a learned mask (``held_aside_greedy``), from its config."""
-    from mergekit_safety.fusion.artifacts import open_artifact, tensor_key
+def held_aside_figures(config_path: str, artifact) -> Dict[str, Any]:
+    """Greedy held-aside shares of a learned mask (an opened artifact; ``held_aside_greedy``),
+    from its config."""
+    from mergekit_safety.fusion.artifacts import tensor_key
     from mergekit_safety.fusion.models import resolve_model
     from mergekit_safety.methods.somf.method import LOGITS_ROLE, SOMFSettings
     from mergekit_safety.methods.somf.training import held_aside_greedy
@@ -125,7 +125,6 @@ def held_aside_figures(config_path: str, mask_path: str) -> Dict[str, Any]:
 
     _, request = request_from_config(config_path)
     settings = SOMFSettings.from_request(request)
-    artifact = open_artifact(mask_path)
     prefix = tensor_key(LOGITS_ROLE, "")
     logits = {key[len(prefix):]: artifact.get(key).float() for key in artifact.keys() if key.startswith(prefix)}
     return held_aside_greedy(resolve_model(request.base), [resolve_model(e) for e in request.experts], settings,
@@ -135,13 +134,12 @@ def held_aside_figures(config_path: str, mask_path: str) -> Dict[str, Any]:
 def calibration_figures(mask_path: str, config_path: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """The calibration-side figures of a learned SOMF mask, from its artifact's metadata (and,
     with its config, the greedy held-aside shares measured the same way for every recipe)."""
-    from safetensors import safe_open
+    from mergekit_safety.fusion.artifacts import open_artifact
 
     if not os.path.isfile(mask_path):
         return None
-    with safe_open(mask_path, "pt") as f:
-        meta = f.metadata() or {}
-    extra = json.loads(meta.get("extra", "{}"))
+    artifact = open_artifact(mask_path)
+    extra = dict(artifact.metadata.extra)
     stopping = extra.get("stopping") or {}
     checks = stopping.get("checks") or []
     # the check whose mask was exported: the best one when it was restored, else the last
@@ -161,14 +159,14 @@ def calibration_figures(mask_path: str, config_path: Optional[str] = None) -> Op
         "steps_run": stopping.get("steps_run", (extra.get("history") or [{}])[-1].get("step", -1) + 1),
         "training_seconds": extra.get("training_seconds"),
         "mask_density": extra.get("mask_density_binary"),
-        "greedy": held_aside_figures(config_path, mask_path) if config_path else None,
+        "greedy": held_aside_figures(config_path, artifact) if config_path else None,
     }
 
 
 def calibration_score(variants: Dict[str, Dict[str, Any]]) -> Optional[float]:
     """One number per recipe from calibration figures only: the worst greedy held-aside share
-    (:data:`SELECTION_PREFIX_TOKENS` answer tokens; refusal on harmful pairs, own answer on
-    benign pairs) over every variant and SOMF mask — measured the same way whatever the
+    (:data:`SELECTION_PREFIX_TOKENS` answer tokens; starting the refusal on harmful pairs, not
+    starting it on benign pairs) over every variant and SOMF mask — measured the same way whatever the
     recipe's own rule. ``None`` when a mask lacks it."""
     values: List[float] = []
     for v in variants.values():

@@ -91,16 +91,16 @@ def run_lab_configs(
         "config_hashes": {c: file_hash(os.path.join(merges_dir, c)) for c in configs
                           if os.path.isfile(os.path.join(merges_dir, c))},
     }
+    failed: List[str] = []
     if previous is not None and all(previous.get(key) == value for key, value in identity.items()):
         failed = [n for n, r in previous.get("models", {}).items() if "error" in r]
         if not failed:
             log(f"[{label}] results in {done}: reused")
             return previous
-        if reuse_only:
-            return None
-        log(f"[{label}] {len(failed)} failed before ({', '.join(failed)}): run again")
     if reuse_only:
         return None
+    if failed:
+        log(f"[{label}] {len(failed)} failed before ({', '.join(failed)}): run again")
     log(f"[{label}] lab {lab_dir}")
     build_lab(lab_dir, lab_settings, progress=progress, log=log)
     run_demo(workdir=out, lab_dir=lab_dir, merges_dir=merges_dir, build=False, progress=progress,

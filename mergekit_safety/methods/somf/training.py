@@ -365,6 +365,15 @@ class FunctionalFusion:
         best_other = logps.scatter(-1, target, float("-inf")).max(-1).values
         return ((chosen - best_other > margin) | ~prefix).all(-1).cpu()
 
+    @torch.no_grad()
+    def load_logits(self, logits: Dict[str, torch.Tensor]) -> None:
+        """Set every mask logit from ``logits`` (name -> tensor, any device and dtype)."""
+        missing = sorted(set(self.logits) - set(logits))
+        if missing:
+            raise SOMFTrainingError(f"somf: the mask has no logits for {len(missing)} masked tensors (e.g. {missing[0]})")
+        for name, value in self.logits.items():
+            value.copy_(logits[name].to(value.device, value.dtype))
+
     def masked_elements(self) -> int:
         return sum(t.numel() for t in self.base.values())
 
@@ -568,6 +577,7 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
     ref_chosen, ref_rejected = ref[:n_pairs], ref[n_pairs:]
     chosen_tokens = resp[:n_pairs, 1:].sum(1).clamp(min=1).float()  # response tokens per chosen answer
     prefix_on = settings.prefix_weight > 0
+    prefix_k = settings.prefix_tokens if prefix_on else 0  # 0: response_logps returns the sums alone
     chosen_prefix = prefix_mask(resp[:n_pairs], settings.prefix_tokens)[:, 1:].sum(1).clamp(min=1).float()
     benign_prefix = (prefix_mask(benign[2][:benign[3]], settings.prefix_tokens)[:, 1:].sum(1).clamp(min=1).float()
                      if benign is not None else None)
@@ -618,7 +628,7 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
 
         masks = fusion.sample_masks(noise_generator)
         params = fusion.parameters_for(masks, exact=False)
-        logps = fusion.response_logps(params, b_ids, b_att, b_resp, settings.prefix_tokens if prefix_on else 0)
+        logps = fusion.response_logps(params, b_ids, b_att, b_resp, prefix_k)
         if prefix_on:
             logps, prefix_logps = logps
         loss_dpo, accuracy = dpo_loss(logps[:batch], logps[batch:], ref_chosen[index].to(logps.device), ref_rejected[index].to(logps.device), settings.beta)
@@ -653,7 +663,7 @@ def _train_mask(base_path: str, expert_paths: Sequence[str], settings, progress:
             n_benign = benign[3]
             rows = torch.cat([b_index, b_index + n_benign])
             bb_ids, bb_att, bb_resp = _trim(benign[0][rows], benign[1][rows], benign[2][rows])
-            b_logps = fusion.response_logps(params, bb_ids, bb_att, bb_resp, settings.prefix_tokens if prefix_on else 0)
+            b_logps = fusion.response_logps(params, bb_ids, bb_att, bb_resp, prefix_k)
             k = len(b_index)
             if prefix_on:  # and on benign prompts, the start of the fusion's own answer
                 b_logps, b_prefix = b_logps
@@ -794,10 +804,7 @@ class StoppingRule:
         # the check's score: the weaker of the two held-aside shares (both must hold)
         record["score"] = min(record["preferred"], record.get("benign_preferred", 1.0))
         self.checks.append(record)
-        # better: a higher weaker share, or the same with a higher other one (a flat benign share
-        # must not pin the best check while the harmful one still rises)
-        rank = (record["score"], record["preferred"] + record.get("benign_preferred", 1.0))
-        if self.best is None or rank > (self.best["score"], self.best["preferred"] + self.best.get("benign_preferred", 1.0)):
+        if self.best is None or self._rank(record) > self._rank(self.best):
             self.best = record
             if settings.stop_keep == "best":
                 self.best_logits = {n: v.detach().to("cpu", torch.float32).clone() for n, v in fusion.logits.items()}
@@ -808,6 +815,12 @@ class StoppingRule:
             self.stopped = record
         return record
 
+    @staticmethod
+    def _rank(record: Dict[str, Any]) -> Tuple[float, float]:
+        """Order of checks: a higher weaker share, or the same with a higher other one (a flat
+        benign share must not pin the best check while the harmful one still rises)."""
+        return record["score"], record["preferred"] + record.get("benign_preferred", 1.0)
+
     def restore_best(self, fusion) -> Optional[Dict[str, Any]]:
         """With ``stop_keep: best`` and a rule that did not hold: put the best check's logits
         back into ``fusion`` (the mask that is exported); returns that check, else None."""
@@ -815,9 +828,7 @@ class StoppingRule:
             return None
         if self.stopped is not None and self.patience_out is None:
             return None  # the rule held: the mask at that check is the one training stopped with
-        with torch.no_grad():
-            for name, value in self.best_logits.items():
-                fusion.logits[name].copy_(value.to(fusion.logits[name].device, fusion.logits[name].dtype))
+        fusion.load_logits(self.best_logits)
         return self.best
 
     def report(self, steps_run: int) -> Dict[str, Any]:
@@ -971,9 +982,9 @@ def summarize(fusion, settings, history, logits, started) -> Dict[str, Any]:
 def held_aside_greedy(base_path: str, expert_paths: Sequence[str], settings, logits: Dict[str, torch.Tensor],
                       prefix_tokens: int = 1) -> Dict[str, Any]:
     """The stopping rule's held-aside split, measured for any learned mask by greedy decoding:
-    the share of held-aside harmful pairs whose greedy answer starts with the refusal, and of
-    held-aside benign pairs (``utility_data``) whose greedy answer starts with the fusion's own
-    answer — one calibration figure for every recipe, whatever its own rule measured.
+    the share of held-aside harmful pairs whose greedy answer starts with the refusal's first
+    ``prefix_tokens`` tokens, and of held-aside benign pairs (``utility_data``) whose greedy
+    answer does not — one calibration figure for every recipe, whatever its own rule measured.
     ``clean`` says whether training held those pairs aside (a stopping rule was on; for the
     benign ones, with ``benign_weight``: without it the utility term trained on their prompts)."""
     greedy = settings.model_copy(update={"stop_on": "greedy", "prefix_tokens": prefix_tokens, "stop_margin": 0.0})
@@ -984,11 +995,7 @@ def held_aside_greedy(base_path: str, expert_paths: Sequence[str], settings, log
     batch = min(settings.batch_size, n_pairs)
     rule = StoppingRule(greedy, n_pairs, batch, n_benign=benign[3] if benign is not None else 0)
     fusion = FunctionalFusion(base_path, expert_paths, greedy, progress=False)
-    missing = sorted(set(fusion.logits) - set(logits))
-    if missing:
-        raise SOMFTrainingError(f"somf: the mask has no logits for {len(missing)} masked tensors (e.g. {missing[0]})")
-    for name, value in fusion.logits.items():
-        value.data.copy_(logits[name].to(value.device, value.dtype))
+    fusion.load_logits(logits)
     params = fusion.parameters_for(fusion.fixed_masks("binary"))
     out: Dict[str, Any] = {
         "harmful": float(rule._held_preference(fusion, params, ids, att, resp, rule.held_index, n_pairs).float().mean()),
