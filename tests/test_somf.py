@@ -642,6 +642,19 @@ def test_greedy_rule_on_benign_pairs_counts_answers_that_do_not_start_refusing(f
     assert extra["stopping"]["checks"][-1]["benign_preferred"] == float((~refusing).float().mean())
 
 
+def test_load_logits_sets_every_mask_and_names_a_missing_one(family, data):
+    from mergekit_safety.methods.somf import training
+
+    fusion = training.FunctionalFusion(family["base"], experts_of(family), settings_for(family, data, modules="attention"))
+    logits = {name: torch.full_like(value, -2.0, dtype=torch.bfloat16) for name, value in fusion.logits.items()}
+    fusion.load_logits(logits)
+    assert all(bool((value == -2.0).all()) and value.dtype == torch.float32 for value in fusion.logits.values())
+    name = sorted(logits)[0]
+    del logits[name]
+    with pytest.raises(SOMFTrainingError, match=f"no logits for 1 masked tensors \\(e.g. {name}\\)"):
+        fusion.load_logits(logits)
+
+
 def test_patience_stops_and_the_best_checks_mask_is_exported(family, data, monkeypatch):
     """stop_patience ends training after that many checks without a better held-aside score;
     stop_keep: best exports the best check's logits (the earliest among equals), not the last."""
