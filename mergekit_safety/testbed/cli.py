@@ -470,8 +470,14 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         item("safety", "plain_task_arithmetic", h, reference_body, [])
 
+        # the pairs come from the SOMF configuration with every expert, whichever merges were selected
+        pairs_config = os.path.join(folder, "pairs.yml")
+        with open(pairs_config, "w") as handle:
+            handle.write(safety.merge_yaml(safety.specs(paths, expert_skills, single, safety.parse_parameters(s["safety_somf"]))["somf"], paths, expert_skills,
+                                           s["safety_weight"], s["variant"]))
+
         def pairs_body():
-            result = run_logged([bin_path("mergekit-safety"), "pairs", os.path.join(folder, "somf.yml"),
+            result = run_logged([bin_path("mergekit-safety"), "pairs", pairs_config,
                                  "--out", os.path.join(folder, "pairs")], env)
             with open(os.path.join(folder, "pairs", "pairs_report.json")) as handle:
                 report = json.load(handle)
