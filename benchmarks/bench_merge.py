@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 SIZES = {
@@ -65,7 +66,8 @@ def build_models(workdir: str, size: str, experts: int) -> dict:
     paths = {}
     generator = torch.Generator().manual_seed(0)
     base_state = None
-    for index, name in enumerate(["base"] + [f"expert{i}" for i in range(experts)]):
+    # "unaligned" (the data-free methods' θ_U) comes last, so the experts stay as they were
+    for index, name in enumerate(["base"] + [f"expert{i}" for i in range(experts)] + ["unaligned"]):
         path = os.path.join(workdir, f"{size}-{name}")
         paths[name] = path
         if os.path.exists(os.path.join(path, "model.safetensors")):
@@ -230,12 +232,15 @@ def run_one(kind: str, config_path: str, out: str) -> dict:
 def measure(kind: str, config_path: str, out: str, repeats: int) -> dict:
     runs = []
     for _ in range(repeats):
-        result = subprocess.run(
-            [sys.executable, __file__, "--run-one", kind, config_path, out],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        # a fresh artifact cache per run: a data-free method's cosines are part of its merge
+        with tempfile.TemporaryDirectory() as cache:
+            result = subprocess.run(
+                [sys.executable, __file__, "--run-one", kind, config_path, out],
+                capture_output=True,
+                text=True,
+                check=False,
+                env={**os.environ, "MERGEKIT_SAFETY_CACHE": cache},
+            )
         if result.returncode != 0:
             raise RuntimeError(f"{kind} failed:\n{result.stderr[-3000:]}")
         runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
@@ -288,6 +293,11 @@ def main() -> None:
             config_text("masked_fusion", paths, args.experts, "  backbone: ties\n  ties_selection: fast\n", density=True),
         ),
     }
+    # the data-free methods: their whole cost, cosines from the models included (fresh cache)
+    unaligned = f"  unaligned_model: {paths['unaligned']}\n"
+    runs["resta"] = ("merge", config_text("resta", paths, args.experts, unaligned))
+    runs["safe_lora"] = ("merge", config_text("safe_lora", paths, args.experts, unaligned))
+    runs["safemerge"] = ("merge", config_text("safemerge", paths, args.experts, unaligned))
     methods = write_method_artifacts(args.workdir, paths, args.experts, f"{args.size}-{args.experts}")
     for method, path in methods.items():
         with open(path) as handle:
@@ -312,6 +322,9 @@ def main() -> None:
         ("somf task_arithmetic + artifact", "mergekit task_arithmetic", 1.25),
         ("ssah task_arithmetic + artifact", "mergekit task_arithmetic", 1.25),
         ("antidote task_arithmetic + artifact", "mergekit task_arithmetic", 1.25),
+        ("resta", "mergekit task_arithmetic", 1.5),
+        ("safe_lora", "mergekit task_arithmetic", 1.5),
+        ("safemerge", "mergekit task_arithmetic", 1.5),
         ("masked_fusion ties + mask", "mergekit ties", 1.25),
         ("masked_fusion ties fast", "mergekit ties", 0.33),
         ("masked_fusion task_arithmetic + mask", "io_floor", 1.5),

@@ -7,7 +7,7 @@ import torch
 
 from tiny_models import build_lab_family, load_state, merge_yaml, run_yaml
 
-from mergekit_safety.methods.safe_lora import chosen_layers, projected, projected_cosine
+from mergekit_safety.methods.safe_lora import chosen_layers, projected, projected_cosine, projected_cosines
 
 EXPERTS = ["expert0", "expert1"]
 WEIGHTS = [0.5, 0.75]  # merge_yaml's
@@ -38,6 +38,26 @@ def test_projection_is_the_papers_formula_without_forming_c(shape):
     # ⟨V Vᵀ ΔW, ΔW⟩ = ‖Vᵀ ΔW‖² ≥ 0: the cosine is never negative, so threshold 0 selects nothing
     assert 0 <= projected_cosine(update, alignment) <= 1
     assert projected_cosine(alignment, alignment) > projected_cosine(update, alignment)
+
+
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12), (16, 16)])
+def test_shared_float32_cosines_match_the_float64_formula(shape):
+    """One Gram product shared by several updates (wide V) or M = VᵀΔ with H = VᵀV (tall V),
+    in float32: the same cosines as C·ΔW formed in float64."""
+    generator = torch.Generator().manual_seed(1)
+    alignment = torch.randn(shape, generator=generator, dtype=torch.float64)
+    updates = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(3)]
+    updates.append(alignment * 0.5 + 0.01 * updates[0])  # nearly V itself: a higher cosine than random
+    updates.append(torch.zeros(shape, dtype=torch.float64))
+    c = alignment @ alignment.T / alignment.norm()
+    expected = []
+    for update in updates[:-1]:
+        image = c @ update
+        expected.append(float((image * update).sum() / (image.norm() * update.norm())))
+    got = projected_cosines([u.float() for u in updates], alignment.float())
+    assert got[:-1] == pytest.approx(expected, abs=1e-5)
+    assert got[-1] == 1.0 and got[3] > max(got[:3])
+    assert projected_cosines([updates[0]], torch.zeros(shape)) == [1.0]
 
 
 def test_layer_choice_threshold_top_k_and_random_control():
@@ -121,3 +141,18 @@ def test_a_threshold_that_selects_every_layer_is_named(family, tmp_path, caplog,
     with caplog.at_level(logging.WARNING):
         _run(method, family, tmp_path, "  top_k: 2\n", "two")
     assert "selects every one" not in caplog.text
+
+
+@pytest.mark.parametrize("method,apply_to,expected", [
+    ("safe_lora", "experts", {"cosine@0", "cosine@1"}),
+    ("safe_lora", "fusion", {"cosine"}),
+    ("safemerge", None, {"cosine"}),
+])
+def test_the_artifact_holds_only_the_cosines_the_method_reads(family, tmp_path, method, apply_to, expected):
+    from mergekit_safety.fusion.artifacts import open_artifact
+
+    mask = tmp_path / f"{method}-{apply_to}.safetensors"
+    extra = f"  top_k: 2\n  mask: {mask}\n" + (f"  apply_to: {apply_to}\n" if apply_to else "")
+    _run(method, family, tmp_path, extra, f"{method}-{apply_to}")
+    artifact = open_artifact(str(mask))
+    assert {key.split("/", 1)[0] for key in artifact.keys()} == expected

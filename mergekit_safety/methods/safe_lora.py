@@ -22,7 +22,7 @@ at a time. ``control: random`` projects a seeded random set of the same number o
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar, Dict, List, Literal, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 
@@ -58,27 +58,72 @@ class ProjectionSettings(LocatingSettings):
 
 class SafeLoRASettings(ProjectionSettings):
     apply_to: Literal["experts", "fusion"] = setting(
-        "experts", "experts: project each expert's task vector before the fusion (paper); fusion: the fused update"
+        "experts", "experts: project each expert's task vector before the fusion (paper); fusion: the fused update",
+        locate=True,  # which cosines the artifact holds
     )
 
 
 def projected(update: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor:
     """C·ΔW with C = V Vᵀ / ‖V‖_F, without forming C when it is the larger product."""
-    norm = alignment.norm()
-    if float(norm) == 0:
-        return torch.zeros_like(update)
-    out_rows, in_cols = alignment.shape
-    if out_rows <= in_cols:
-        return (alignment @ alignment.T) @ update / norm
-    return alignment @ (alignment.T @ update) / norm
+    return AlignmentProjector(alignment)(update)
+
+
+class AlignmentProjector:
+    """C·ΔW for the updates of one weight, in the alignment's dtype (float32 in the merge).
+
+    When V is wide (rows ≤ columns) the Gram matrix V Vᵀ is formed once and shared by every
+    update of the weight (one product per expert instead of two); when V is tall, V (Vᵀ ΔW)."""
+
+    def __init__(self, alignment: torch.Tensor) -> None:
+        self.alignment = alignment
+        self.norm = float(alignment.double().norm())
+        self._gram: Optional[torch.Tensor] = None
+
+    def __call__(self, update: torch.Tensor) -> torch.Tensor:
+        if self.norm == 0:
+            return torch.zeros_like(update)
+        v = self.alignment
+        update = update.to(v.dtype)
+        rows, columns = v.shape
+        if rows <= columns:
+            if self._gram is None:
+                self._gram = v @ v.T
+            return self._gram @ update / self.norm
+        return v @ (v.T @ update) / self.norm
+
+
+def projected_cosines(updates: Sequence[torch.Tensor], alignment: torch.Tensor) -> List[float]:
+    """cos(C ΔW, ΔW) for several updates of one weight (1.0 for a zero update or a zero V).
+
+    The cosine does not depend on C's scale, so ‖V‖ is left out, and the products on V are
+    shared: for a wide V one Gram matrix G = V Vᵀ (cos = ⟨GΔ, Δ⟩ / ‖GΔ‖‖Δ‖); for a tall V,
+    M = Vᵀ Δ and H = Vᵀ V (⟨V Vᵀ Δ, Δ⟩ = ‖M‖², ‖V Vᵀ Δ‖² = ⟨H M, M⟩), so no product is larger
+    than rows·columns². Products in float32, sums in float64: 3–4× less work than the
+    float64 products of the two-sided formula, agreeing with it to 1e-5 (tested)."""
+    v = alignment.float()
+    rows, columns = v.shape
+    wide = rows <= columns
+    gram = v @ v.T if wide else v.T @ v
+    out: List[float] = []
+    for update in updates:
+        u = update.float()
+        u_norm = float(u.norm(dtype=torch.float64))
+        if wide:
+            image = gram @ u
+            inner = float((image * u).sum(dtype=torch.float64))
+            image_norm = float(image.norm(dtype=torch.float64))
+        else:
+            m = v.T @ u
+            inner = float((m * m).sum(dtype=torch.float64))
+            image_norm = max(float(((gram @ m) * m).sum(dtype=torch.float64)), 0.0) ** 0.5
+        denominator = image_norm * u_norm
+        out.append(1.0 if denominator == 0 else min(inner / denominator, 1.0))
+    return out
 
 
 def projected_cosine(update: torch.Tensor, alignment: torch.Tensor) -> float:
-    """cos(C ΔW, ΔW) (1.0 for a zero update: nothing to project)."""
-    update = update.double()
-    image = projected(update, alignment.double())
-    denominator = float(image.norm() * update.norm())
-    return 1.0 if denominator == 0 else float((image * update).sum()) / denominator
+    """cos(C ΔW, ΔW) of one update (1.0 for a zero update: nothing to project)."""
+    return projected_cosines([update], alignment)[0]
 
 
 def candidate_names(base_dir: str, modules: str) -> List[str]:
@@ -120,6 +165,11 @@ class ProjectionMethod(LocatingFusionMethod):
             logger.warning("%s: no unaligned_model given: merging with the plain backbone, WITHOUT safety restoration", self.name)
         return False
 
+    def cosine_sets(self, parameters: Dict[str, Any]) -> Tuple[bool, bool]:
+        """(each expert's, the fused update's): the cosines the layer choice reads; only these
+        are computed and stored."""
+        return False, True
+
     def compute_artifact(self, request):
         from mergekit_safety.engine.calibration import SafetensorsSource
         from mergekit_safety.engine.vocabulary import aligned
@@ -127,50 +177,62 @@ class ProjectionMethod(LocatingFusionMethod):
         from mergekit_safety.fusion.sources import FusedSource
 
         p = request.parameters
+        per_expert, of_fusion = self.cosine_sets(p)
         base_dir = resolve_model(request.base)
         base = SafetensorsSource(base_dir)
         unaligned = SafetensorsSource(resolve_model(p["unaligned_model"]))
         experts = [aligned(SafetensorsSource(resolve_model(e)), base) for e in request.experts]
-        fused = FusedSource(base, experts, request.fuse_arguments(), seed=p.get("seed"))
+        fused = FusedSource(base, experts, request.fuse_arguments(), seed=p.get("seed")) if of_fusion else None
         tensors: Dict[str, torch.Tensor] = {}
-        for name in candidate_names(base_dir, p["modules"]):
-            theta_a = base.get(name).double()
-            alignment = theta_a - unaligned.get(name).double()
-            for index, expert in enumerate(experts):
-                cosine = projected_cosine(expert.get(name).double() - theta_a, alignment)
-                tensors[tensor_key(COSINE_ROLE, name, index)] = torch.tensor([cosine], dtype=torch.float64)
-            cosine = projected_cosine(fused.get(name).double() - theta_a, alignment)
-            tensors[tensor_key(COSINE_ROLE, name)] = torch.tensor([cosine], dtype=torch.float64)
+        names = candidate_names(base_dir, p["modules"])
+        for name in names:
+            theta_a = base.get(name).float()
+            alignment = theta_a - unaligned.get(name).float()
+            updates, keys = [], []
+            if per_expert:
+                for index, expert in enumerate(experts):
+                    updates.append(expert.get(name).float() - theta_a)
+                    keys.append(tensor_key(COSINE_ROLE, name, index))
+            if of_fusion:
+                updates.append(fused.get(name).float() - theta_a)
+                keys.append(tensor_key(COSINE_ROLE, name))
+            for key, cosine in zip(keys, projected_cosines(updates, alignment)):
+                tensors[key] = torch.tensor([cosine], dtype=torch.float64)
+            del updates
             for source in (base, unaligned, *experts):
                 source.release()
-        return tensors, {"tensors": len(tensors) // (len(experts) + 1)}
+        return tensors, {"tensors": len(names), "cosines": "+".join(
+            k for k, on in (("experts", per_expert), ("fusion", of_fusion)) if on)}
 
     def cosines(self, artifact, expert: Optional[int]) -> Dict[str, float]:
         prefix = f"{COSINE_ROLE}/" if expert is None else f"{COSINE_ROLE}@{expert}/"
         return {key[len(prefix):]: float(artifact.get(key)[0]) for key in artifact.keys() if key.startswith(prefix)}
 
     def choices(self, artifact, parameters: Dict[str, Any], experts: int) -> Tuple[List[set], set]:
-        """(layers acted on per expert, layers acted on for the fused update), cached."""
+        """(layers acted on per expert, layers acted on for the fused update), cached; a set the
+        method does not read is empty."""
         key = (artifact.path, id(artifact), parameters["threshold"], parameters["top_k"], parameters["control"],
-               parameters["control_seed"], experts)
+               parameters["control_seed"], experts, self.cosine_sets(parameters))
         found = self._choices.get(key)
         if found is None:
-            pick = lambda c: chosen_layers(c, float(parameters["threshold"]), int(parameters["top_k"]),  # noqa: E731
-                                           parameters["control"], int(parameters["control_seed"]))
-            found = ([pick(self.cosines(artifact, i)) for i in range(experts)], pick(self.cosines(artifact, None)))
+            per_expert, of_fusion = self.cosine_sets(parameters)
+            read = ([self.cosines(artifact, i) for i in range(experts)] if per_expert else []) + (
+                [self.cosines(artifact, None)] if of_fusion else [])
+            picked = [chosen_layers(c, float(parameters["threshold"]), int(parameters["top_k"]),
+                                    parameters["control"], int(parameters["control_seed"])) for c in read]
+            found = (picked[:experts] if per_expert else [set() for _ in range(experts)],
+                     picked[-1] if of_fusion else set())
             self._choices[key] = found + (artifact,)  # holding the artifact keeps its id() unique
-            total = len(self.cosines(artifact, None))
-            logger.info("%s: acting on %s of %d layers per expert, %d for the fusion", self.name,
-                        [len(c) for c in found[0]], total, len(found[1]))
-            used = found[0] if parameters.get("apply_to", "fusion") == "experts" else [found[1]]
-            if total and any(len(c) == total for c in used):
+            total = max((len(c) for c in read), default=0)
+            logger.info("%s: acting on %s of %d layers", self.name, [len(c) for c in picked], total)
+            if total and any(len(c) == total for c in picked):
                 # measured on the real testbed: LoRA updates' cosines were all below 0.44, so the
                 # paper's 0.5 acted everywhere and the random control was the method itself
                 logger.warning(
                     "%s: threshold %s selects every one of the %d layers (largest cosine %.3f): the method acts "
                     "everywhere, and its random control is the same merge; use top_k or a lower threshold "
                     "to act on a part", self.name, parameters["threshold"], total,
-                    max(max(self.cosines(artifact, i).values(), default=0.0) for i in [None, *range(experts)]))
+                    max(max(c.values(), default=0.0) for c in read))
         return found[0], found[1]
 
 
@@ -184,16 +246,20 @@ class SafeLoRA(ProjectionMethod):
     )
     settings = SafeLoRASettings
 
+    def cosine_sets(self, parameters: Dict[str, Any]) -> Tuple[bool, bool]:
+        experts = parameters.get("apply_to", "experts") == "experts"
+        return experts, not experts
+
     def masks_from_artifact(self, artifact, inputs: TensorInputs, parameters: Dict[str, Any]) -> TensorMasks:
         per_expert, fusion = self.choices(artifact, parameters, len(inputs.experts))
         name = inputs.name
         acting = [name in chosen for chosen in per_expert] if parameters["apply_to"] == "experts" else [name in fusion]
         if not any(acting):
             return TensorMasks()
-        alignment = (inputs.base.double() - model_tensor(parameters["unaligned_model"], name, inputs.base).double())
+        projector = AlignmentProjector(inputs.base.float() - model_tensor(parameters["unaligned_model"], name, inputs.base).float())
 
         def project(update: torch.Tensor) -> torch.Tensor:
-            return projected(update.double(), alignment).to(update.dtype)
+            return projector(update).to(update.dtype)
 
         if parameters["apply_to"] == "experts":
             positions = [self.expert_position(artifact, inputs, i) for i in range(len(inputs.experts))]
