@@ -23,6 +23,7 @@ import time
 SIZES = {
     # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
     "tiny": (256, 704, 4, 8, 4, 8000),
+    "smollm2": (576, 1536, 30, 9, 3, 49152),  # the shape of SmolLM2-135M, the real testbed's model
     "small": (1024, 2816, 8, 16, 4, 32000),  # ~200M parameters, the size of the shared notes
     "medium": (2048, 5632, 8, 16, 4, 32000),  # ~540M parameters, 1.1 GB per model in bf16
     "large": (2048, 5632, 16, 16, 4, 32000),  # ~940M parameters, 1.9 GB per model

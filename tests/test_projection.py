@@ -156,3 +156,31 @@ def test_the_artifact_holds_only_the_cosines_the_method_reads(family, tmp_path, 
     _run(method, family, tmp_path, extra, f"{method}-{apply_to}")
     artifact = open_artifact(str(mask))
     assert {key.split("/", 1)[0] for key in artifact.keys()} == expected
+
+
+@pytest.mark.parametrize("method,apply_to", [("safe_lora", "experts"), ("safe_lora", "fusion"), ("safemerge", None)])
+def test_threshold_choice_in_the_merge_equals_the_artifacts(family, tmp_path, method, apply_to, caplog):
+    """Threshold mode decides each layer in the merge from its own cosine (no locate pass, no
+    artifact); with the artifact (an explicit ``mask`` file) the same layers are acted on and
+    the outputs are bit-identical."""
+    import logging
+
+    from mergekit_safety.fusion.artifacts import open_artifact
+
+    apply = f"  apply_to: {apply_to}\n" if apply_to else ""
+    probe = tmp_path / "probe.safetensors"
+    _run(method, family, tmp_path, f"  top_k: 1\n  mask: {probe}\n" + apply, "probe")
+    cosines = sorted(float(open_artifact(str(probe)).get(k)[0]) for k in open_artifact(str(probe)).keys())
+    threshold = (cosines[len(cosines) // 2] + cosines[len(cosines) // 2 - 1]) / 2  # between two cosines
+    settings = apply + f"  threshold: {threshold}\n"
+    with caplog.at_level(logging.INFO):
+        streamed = _run(method, family, tmp_path, settings, "streamed")
+    assert "acted on" in caplog.text
+    cache = tmp_path / "cache" / "artifacts"
+    assert not cache.exists() or not any(method in p.name for p in cache.iterdir())  # no artifact written
+    stored = _run(method, family, tmp_path, settings + f"  mask: {tmp_path / 'stored.safetensors'}\n", "stored")
+    plain = run_yaml(merge_yaml("task_arithmetic", family, EXPERTS), str(tmp_path / "ta"))
+    assert any(not torch.equal(streamed[n], plain[n]) for n in plain)  # some layers acted on
+    assert any(torch.equal(streamed[n], plain[n]) for n in plain if "layers" in n and n.endswith("proj.weight"))
+    for name in stored:
+        assert torch.equal(streamed[name], stored[name]), name

@@ -277,6 +277,12 @@ class LocatingFusionMethod(Locator, FusionMethod):
         """Whether the parameters name what the locate step needs (data files)."""
         return all(parameters.get(name) for name in self.data_parameters)
 
+    def wants_artifact(self, parameters: Dict[str, Any]) -> bool:
+        """Whether a merge with these parameters reads an artifact (then computed ahead, at
+        plan time, if missing)."""
+        mask = parameters.get("mask")
+        return bool(mask and mask != AUTO) or self.can_locate(parameters)
+
     def request(self, inputs: TensorInputs, parameters: Dict[str, Any]) -> LocateRequest:
         """The locate request of a merge, built from one tensor's inputs and parameters."""
         per_model = {p.name for p in self.settings.parameters() if p.per_model}

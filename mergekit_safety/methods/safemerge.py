@@ -23,7 +23,7 @@ import torch
 from mergekit_safety.fusion.kernel import TensorMasks
 from mergekit_safety.fusion.method import TensorInputs, model_tensor
 from mergekit_safety.fusion.settings import UnitInterval, setting
-from mergekit_safety.methods.safe_lora import ProjectionMethod, ProjectionSettings
+from mergekit_safety.methods.safe_lora import ProjectionMethod, ProjectionSettings, projected_cosines
 
 
 class SafeMergeSettings(ProjectionSettings):
@@ -42,6 +42,22 @@ class SafeMerge(ProjectionMethod):
         "lowest), the layer becomes (1 − w)·fused + w·safe; elsewhere the fusion; data-free."
     )
     settings = SafeMergeSettings
+
+    def streaming_masks(self, inputs, parameters, projector, threshold, count) -> TensorMasks:
+        weight = float(parameters["blend"])
+        safe = None
+        if parameters.get("safety_model"):
+            safe = model_tensor(parameters["safety_model"], inputs.name, inputs.base).float() - inputs.base.float()
+
+        def blend(update: torch.Tensor) -> torch.Tensor:
+            cosine = projected_cosines([update], projector.alignment)[0]
+            count(cosine < threshold)
+            if cosine >= threshold:
+                return update
+            blended = update * (1.0 - weight)
+            return blended if safe is None else (blended.float() + weight * safe).to(update.dtype)
+
+        return TensorMasks(project=blend)
 
     def masks_from_artifact(self, artifact, inputs: TensorInputs, parameters: Dict[str, Any]) -> TensorMasks:
         _, fusion = self.choices(artifact, parameters, len(inputs.experts))

@@ -437,7 +437,6 @@ def prepare_artifact(method: Any, config: Any) -> None:
     inside the first tensor task, where mergekit's outer bar would sit still and show an
     absurd ETA."""
     from mergekit_safety.fusion.locate import Locator
-    from mergekit_safety.fusion.settings import AUTO
     from mergekit_safety.plugin.config import request_from_config_data
 
     if not isinstance(method, Locator):
@@ -447,8 +446,7 @@ def prepare_artifact(method: Any, config: Any) -> None:
     except ArtifactError:
         return  # slices, per-layer lists: the kernel reports these itself
     parameters = {**method.settings.defaults(), **request.parameters}
-    mask = parameters.get("mask")
-    if not (mask and mask != AUTO) and not method.can_locate(parameters):
+    if not method.wants_artifact(parameters):
         return
     path = method.artifact_path(method.resolved(request))
     if os.path.exists(path):
