@@ -12,11 +12,16 @@ task vector τ_i (``apply_to: experts``, the paper's form: each fine-tune projec
 fusion) or the fused update (``apply_to: fusion``). C is never formed when V is tall: C ΔW is
 computed as V (Vᵀ ΔW) / ‖V‖_F or (V Vᵀ) ΔW / ‖V‖_F, whichever is cheaper.
 
-Data-free, but the layer choice needs every layer's cosine (top-k ranks them), so the cosines
-are computed once from the models (a locate step without data: base, experts and the
-unaligned model are fingerprinted) and stored as an artifact; ``threshold``/``top_k``/
-``control`` act at merge time and need no recomputation. Streaming: one tensor of each model
-at a time. ``control: random`` projects a seeded random set of the same number of layers.
+Data-free. With a ``threshold`` (the default) each layer's choice needs only its own cosine, so
+it is made in the merge from the tensors mergekit already holds: no pass of its own over the
+models, no artifact. ``top_k`` ranks every layer and ``control: random`` needs their count, so
+those compute the cosines once from the models (a locate step without data: base, experts and
+the unaligned model are fingerprinted) and store them as an artifact, which ``threshold``/
+``top_k``/``control`` then read without recomputation; an explicit ``mask`` file takes that path
+too (bit-identical to the merge-time choice, tested). Only the cosines a method reads are
+computed: each expert's (``apply_to: experts``) or the fused update's. Streaming: one tensor of
+each model at a time. ``control: random`` projects a seeded random set of the same number of
+layers.
 """
 
 from __future__ import annotations
