@@ -263,7 +263,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--somf-size", default="mini", choices=sorted(SIZES))
     parser.add_argument("--somf-experts", type=int, default=3)
-    parser.add_argument("--somf-pairs", type=int, default=4, help="preference pairs per step (2× sequences)")
+    parser.add_argument("--somf-pairs", type=int, default=None,
+                        help="preference pairs per step (2× sequences); default: SOMF's default batch_size (16)")
     parser.add_argument("--somf-length", type=int, default=64)
     parser.add_argument("--somf-steps", type=int, default=6)
     parser.add_argument("--somf-modules", default="linear")
@@ -273,6 +274,10 @@ def main() -> None:
     parser.add_argument("--json", default=os.path.join("benchmarks", "results", "calibration.json"))
     parser.add_argument("--run-one", nargs=2, metavar=("KIND", "SPEC"))
     args = parser.parse_args()
+    if args.somf_pairs is None:  # the step the method takes by default, not a toy batch
+        from mergekit_safety.methods.somf.method import SOMFSettings
+
+        args.somf_pairs = int(SOMFSettings.parameter("batch_size").default)
     if args.run_one:
         print(json.dumps(run_one(*args.run_one)))
         return

@@ -15,6 +15,9 @@ def test_recipe_parsing_checks_names_and_reads_yaml_scalars():
     assert protocol.parse_recipe("reference=aligned, benign_weight=1.0,steps=200") == {
         "reference": "aligned", "benign_weight": 1.0, "steps": 200}
     assert protocol.parse_recipe("") == {}
+    # numbers as numbers (1e-3 too, which YAML 1.1 reads as text), booleans as YAML reads them
+    assert protocol.parse_recipe("lr=1e-3,normalize=true,stop_on=greedy") == {
+        "lr": 0.001, "normalize": True, "stop_on": "greedy"}
     with pytest.raises(ValueError, match="no parameter 'benign_weigth'"):
         protocol.parse_recipe("benign_weigth=1")
     with pytest.raises(ValueError, match="NAME=VALUE"):

@@ -252,6 +252,30 @@ class FusionSettings(DeclaredSettings):
         return cls.model_validate({k: v for k, v in values.items() if k in known})
 
 
+def parse_assignments(text: str) -> Dict[str, Any]:
+    """``"a=1,b=0.5,c=on"`` → ``{"a": 1, "b": 0.5, "c": True}``: the one parser of the
+    ``key=value,...`` lists given on command lines (the testbed's SOMF settings and variants,
+    the protocol's recipe). Numbers as numbers (``1e-3`` too), then YAML scalars (booleans,
+    null), else the text."""
+    import yaml
+
+    out: Dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise ValueError(f"{item!r}: expected NAME=VALUE")
+        for kind in (int, float):
+            try:
+                out[key] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = yaml.safe_load(value) if value else ""
+    return out
+
+
 def subset(settings_class, names: List[str]):
     """The parameters of ``settings_class`` named ``names`` (e.g. to derive CLI options)."""
     return [settings_class.parameter(name) for name in names]

@@ -60,23 +60,20 @@ TARGETS = {
 
 def parse_recipe(text: str) -> Dict[str, Any]:
     """``"reference=aligned,benign_weight=1.0"`` -> ``{"reference": "aligned", "benign_weight": 1.0}``
-    (values read as YAML scalars), checked against SOMF's parameters."""
-    import yaml
-
+    (:func:`~mergekit_safety.fusion.settings.parse_assignments`), checked against SOMF's parameters."""
+    from mergekit_safety.fusion.settings import parse_assignments
     from mergekit_safety.methods.somf.method import SOMFSettings
 
     known = {p.name for p in SOMFSettings.parameters() if not p.per_model}
-    recipe: Dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"recipe item {item!r}: expected NAME=VALUE")
+    try:
+        recipe = parse_assignments(text)
+    except ValueError as error:
+        raise ValueError(f"recipe item {error}") from None
+    for key in recipe:
         if key not in known:
-            raise ValueError(f"recipe item {item!r}: somf has no parameter {key!r}")
+            raise ValueError(f"recipe item {key!r}: somf has no parameter {key!r}")
         if key in ("preference_data", "utility_data", "mask", "control", "backbone"):
-            raise ValueError(f"recipe item {item!r}: {key} is set by the protocol per variant and case")
-        recipe[key] = yaml.safe_load(value)
+            raise ValueError(f"recipe item {key!r}: {key} is set by the protocol per variant and case")
     return recipe
 
 

@@ -78,21 +78,10 @@ def derived_data(pairs_dir: str, out_dir: str) -> Dict[str, int]:
 
 
 def parse_parameters(text: str) -> Dict[str, Any]:
-    """``key=value,key=value`` → parameters (numbers as numbers)."""
-    out: Dict[str, Any] = {}
-    for entry in [e.strip() for e in text.split(",") if e.strip()]:
-        key, sep, value = entry.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"{entry!r}: expected key=value")
-        for kind in (int, float):
-            try:
-                out[key.strip()] = kind(value)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key.strip()] = value.strip()
-    return out
+    """``key=value,key=value`` → parameters (numbers as numbers; the package's one parser)."""
+    from mergekit_safety.fusion.settings import parse_assignments
+
+    return parse_assignments(text)
 
 
 def parse_variants(text: str) -> Dict[str, Dict[str, Any]]:
