@@ -222,7 +222,9 @@ def run_one(kind: str, config_path: str, out: str) -> dict:
 
         with open(config_path) as handle:
             config = MergeConfiguration.model_validate(yaml.safe_load(handle))
-        options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0)
+        # --lora-merge-cache: adapters (``base+adapter`` references) merged once, as the testbed does
+        options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0,
+                               lora_merge_cache=os.environ.get("BENCH_MERGE_LORA_CACHE") or None)
         start = time.perf_counter()
         run_merge(config, out, options=options)
         elapsed = time.perf_counter() - start
@@ -264,9 +266,21 @@ def main() -> None:
         help="instead: masked_fusion vs mergekit task_arithmetic time for 1, 2, 4, 8 experts "
         "(at --size) and for the sizes tiny/small/medium (at 3 experts)",
     )
+    parser.add_argument("--lora-merge-cache", default="", help="with --configs: mergekit's LoRA merge cache")
+    parser.add_argument(
+        "--configs",
+        default="",
+        help="instead: time these mergekit YAMLs (comma-separated; e.g. a testbed's safety/*.yml) in one run, "
+        "each in a fresh process with a fresh artifact cache, as ratios to the first",
+    )
     args = parser.parse_args()
     if args.run_one:
         print(json.dumps(run_one(*args.run_one)))
+        return
+    if args.configs:
+        if args.lora_merge_cache:
+            os.environ["BENCH_MERGE_LORA_CACHE"] = os.path.abspath(args.lora_merge_cache)
+        configs(args)
         return
     if args.scaling:
         scaling(args)
@@ -384,5 +398,30 @@ def scaling(args) -> None:
     print(f"written {target}")
 
 
+def configs(args) -> None:
+    """Given YAMLs (a real model's merges) against the first, in one run."""
+    paths = [p.strip() for p in args.configs.split(",") if p.strip()]
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for path in paths:
+            label = os.path.splitext(os.path.basename(path))[0]
+            results[label] = measure("merge", path, os.path.join(scratch, "out"), args.repeats)
+            print(f"  {label}: {results[label]['seconds']:.2f} s, peak RSS {results[label]['peak_rss_mb']:.0f} MB", flush=True)
+    labels = list(results)
+    reference = labels[0]
+    print(f"\n{'config':<28} {'time ×':>7} {'RSS ×':>7}   (reference {reference}, {os.cpu_count()} CPU cores)")
+    summary = []
+    for label in labels[1:]:
+        t = results[label]["seconds"] / results[reference]["seconds"]
+        m = results[label]["peak_rss_mb"] / results[reference]["peak_rss_mb"]
+        print(f"{label:<28} {t:7.2f} {m:7.2f}")
+        summary.append({"ours": label, "reference": reference, "time_ratio": t, "rss_ratio": m})
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as handle:
+        json.dump({"configs": paths, "results": results, "ratios": summary}, handle, indent=2)
+    print(f"\nwritten {args.json}")
+
+
 if __name__ == "__main__":
     main()
+
