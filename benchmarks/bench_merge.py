@@ -267,12 +267,9 @@ def main() -> None:
         "(at --size) and for the sizes tiny/small/medium (at 3 experts)",
     )
     parser.add_argument("--lora-merge-cache", default="", help="with --configs: mergekit's LoRA merge cache")
-    parser.add_argument(
-        "--configs",
-        default="",
-        help="instead: time these mergekit YAMLs (comma-separated; e.g. a testbed's safety/*.yml) in one run, "
-        "each in a fresh process with a fresh artifact cache, as ratios to the first",
-    )
+    configs_help = ("instead: time these mergekit YAMLs (comma-separated; e.g. a testbed's safety/*.yml) in one run, "
+                    "each in a fresh process with a fresh artifact cache, as ratios to the first")
+    parser.add_argument("--configs", default="", help=configs_help)
     args = parser.parse_args()
     if args.run_one:
         print(json.dumps(run_one(*args.run_one)))
