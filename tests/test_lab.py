@@ -440,6 +440,10 @@ def test_demo_over_seeds_aggregates_and_resumes(tmp_path, monkeypatch):
         assert ta[metric]["values"] == {0: values[0], 1: values[1]}
         assert ta[metric]["min"] == min(values) and ta[metric]["max"] == max(values)
         assert abs(ta[metric]["mean"] - sum(values) / 2) < 1e-12
+    # each seed's Wilson interval travels with a rate (the every-method table prints it)
+    assert ta["refusal_rate"]["intervals"] == {s: res["per_seed"][s]["models"]["task_arithmetic"]["refusal_interval"]
+                                              for s in (0, 1)}
+    assert "intervals" not in ta["mean_expert_accuracy"]
     assert ta["plain"] == [0, 1] and set(summary["rows"]) == {"aligned", "expert_next", "expert_twin", "task_arithmetic"}
     files = write_summary(summary, str(tmp_path / "out" / "lab_seeds.json"))
     table = open(files["markdown"]).read()

@@ -37,3 +37,17 @@ def test_lab_seed_table_is_rendered_from_its_results_file():
     summary = json.load(open(path, encoding="utf-8"))
     assert len(summary["seeds"]) >= 3, "the lab table is reported over at least 3 seeds"
     assert block == render_markdown(summary).strip()
+
+
+def test_every_method_table_is_rendered_from_its_results_files():
+    """Issue 17's table: every method on the lab and on the real testbed, rendered from the
+    lab's seed summary, the real testbed's results and the data-free merge times."""
+    from mergekit_safety.testbed.report import methods_table
+
+    results = os.path.join(REPO, "benchmarks", "results")
+    lab = json.load(open(os.path.join(results, "lab_seeds.json"), encoding="utf-8"))
+    real = json.load(open(os.path.join(results, "real_model.json"), encoding="utf-8"))
+    merges = json.load(open(os.path.join(results, "merge_testbed_lora_datafree.json"), encoding="utf-8"))
+    table = methods_table(lab, real, {r["ours"]: r["time_ratio"] for r in merges["ratios"]})
+    assert table.count("\n") >= 14 and "[" in table
+    assert table in _readme()

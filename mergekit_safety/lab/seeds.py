@@ -137,6 +137,10 @@ def aggregate(per_seed: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
                 continue
             row[metric] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
                            "values": dict(zip(seeds, values))}
+            # each seed's 95 % Wilson interval, where the demo measured one (refusal, over-refusal)
+            intervals = {s: results[s].get(metric.replace("_rate", "_interval")) for s in seeds}
+            if metric.endswith("_rate") and all(intervals.values()):
+                row[metric]["intervals"] = intervals
         row["plain"] = [s for s in seeds if per_seed[s].get("plain") == name]
         rows[name] = row
     return {"seeds": seeds, "plain": {s: per_seed[s].get("plain") for s in seeds}, "rows": rows, "failed": failed}

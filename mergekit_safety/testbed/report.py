@@ -142,3 +142,74 @@ def summary_table(entries: List[Dict[str, Any]], best: Any) -> str:
         lines.append("| " + " | ".join([name, e["method"], cell(e, "refusal"), cell(e, "over_refusal"), skills(e),
                                          retention, versus]) + " |")
     return "\n".join(lines) + "\n"
+
+
+#: (label, experts, lab row, its lab random control, real-testbed row); a real row's random
+#: control is ``row + "_random"``; None: not run there
+METHOD_ROWS = [
+    ("SOMF (task arithmetic)", "3", "multi_task_safe", "somf_random", "somf"),
+    ("SOMF (TIES)", "3", "somf_ties", None, None),
+    ("SSAH", "3", "ssah", "ssah_random", "ssah"),
+    ("Antidote", "3", "antidote", "antidote_random", "antidote"),
+    ("RESTA", "3", "resta", "resta_random", "resta"),
+    ("Safe LoRA", "3", "safe_lora", "safe_lora_random", "safe_lora"),
+    ("SafeMERGE", "3", "safemerge", "safemerge_random", "safemerge"),
+    ("SOMF", "1", "somf_single", "somf_single_random", "somf_single_json"),
+    ("SSAH", "1", "ssah_single", "ssah_single_random", None),
+    ("Antidote", "1", "antidote_single", "antidote_single_random", None),
+    ("RESTA", "1", "resta_single", "resta_single_random", None),
+    ("Safe LoRA", "1", "safe_lora_single", "safe_lora_single_random", None),
+    ("SafeMERGE", "1", "safemerge_single", "safemerge_single_random", None),
+]
+
+
+def methods_table(lab: Dict[str, Any], real: Dict[str, Any], merge_ratios: Dict[str, float], seed: int = 0) -> str:
+    """Every method on the lab and on the real testbed, side by side (issue 17's table).
+
+    ``lab``: ``benchmarks/results/lab_seeds.json`` (seed ``seed`` with its 95 % Wilson interval,
+    and the range over every seed); ``real``: ``real_model.json``; ``merge_ratios``: merge time
+    over plain task arithmetic in one run on the real testbed, by row name."""
+    rows = lab["rows"]
+    by_name = {e["name"]: e for e in real["entries"]}
+    key = str(seed) if str(seed) in next(iter(rows.values()))["refusal_rate"]["values"] else seed
+
+    def lab_rate(name, metric):
+        stat = (rows.get(name) or {}).get(metric)
+        if not stat:
+            return "-"
+        value, (lo, hi) = stat["values"][key], stat["intervals"][key]
+        return (f"{100 * value:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] "
+                f"({100 * stat['min']:.1f}–{100 * stat['max']:.1f})")
+
+    def lab_retention(name):
+        stat = (rows.get(name) or {}).get("retention")
+        return "-" if not stat else f"{stat['values'][key]:.2f} ({stat['min']:.2f}–{stat['max']:.2f})"
+
+    def real_rate(name, metric):
+        e = by_name.get(name)
+        if e is None:
+            return "not run"
+        lo, hi = e[metric + "_ci95"]
+        return f"{100 * e[metric + '_rate']:.0f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+    def real_retention(name):
+        e = by_name.get(name)
+        return "not run" if e is None or e.get("retention") is None else f"{e['retention']:.2f}"
+
+    head = ["method", "experts", "lab: refusal %", "lab: over-refusal %", "lab: retention", "lab control: refusal %",
+            "real: refusal %", "real: over-refusal %", "real: retention", "real control: refusal %",
+            "real: merge time × task arithmetic"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for label, experts, lab_name, lab_control, real_name in METHOD_ROWS:
+        ratio = merge_ratios.get(real_name or "")
+        lines.append("| " + " | ".join([
+            label, experts,
+            lab_rate(lab_name, "refusal_rate"), lab_rate(lab_name, "over_refusal_rate"), lab_retention(lab_name),
+            lab_rate(lab_control, "refusal_rate") if lab_control else "not run",
+            real_rate(real_name, "refusal") if real_name else "not run",
+            real_rate(real_name, "over_refusal") if real_name else "not run",
+            real_retention(real_name) if real_name else "not run",
+            real_rate(real_name + "_random", "refusal") if real_name else "not run",
+            "-" if ratio is None else f"{ratio:.2f}",
+        ]) + " |")
+    return "\n".join(lines) + "\n"
