@@ -134,6 +134,11 @@ class RecordingSource(SafetensorsSource):
         self.reads.append(name)
         return super().get(name)
 
+    def get_rows(self, name, index):
+        self.reads.append(name)
+        self.row_reads = getattr(self, "row_reads", []) + [(name, index.clone())]
+        return super().get_rows(name, index)
+
 
 def test_streaming_loads_one_layer_at_a_time(family):
     source = RecordingSource(family["base"])
@@ -142,6 +147,9 @@ def test_streaming_loads_one_layer_at_a_time(family):
     assert layer_of == sorted(layer_of) and set(layer_of) == {0, 1}  # layer 0 wholly before layer 1
     assert "lm_head.weight" not in source.reads
     assert source.reads.count("model.embed_tokens.weight") == 1
+    # the embedding: only the rows of the tokens in the batches, not the vocabulary-sized matrix
+    (name, rows), = source.row_reads
+    assert name == "model.embed_tokens.weight" and 0 < len(rows) < source.shape(name)[0]
 
 
 def test_stops_after_the_last_needed_layer(family):
@@ -202,6 +210,22 @@ def test_fused_source_streams_the_fusion(family):
             assert_stats_close(in_memory[name], on_disk[name])
     finally:
         shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("backbone", ["task_arithmetic", "ties"])
+def test_fused_rows_are_the_fused_tensors_rows(family, backbone):
+    """The streaming pass reads only the embedding rows in use: fused row by row where the
+    backbone is elementwise, the whole tensor first where TIES selects over it."""
+    base = SafetensorsSource(family["base"])
+    experts = [SafetensorsSource(family["expert0"]), SafetensorsSource(family["expert1"])]
+    fused = FusedSource(base, experts, dict(backbone=backbone, weights=[0.6, 0.9], densities=[0.5, 0.7], lambda_=0.8))
+    name = "model.embed_tokens.weight"
+    index = torch.tensor([0, 3, 7, 11])
+    assert torch.equal(fused.get_rows(name, index), fused.get(name)[index])
+    assert torch.equal(base.get_rows(name, index), base.get(name)[index])
+    assert base.get_rows(name, torch.tensor([], dtype=torch.long)).shape == (0, base.get(name).shape[1])
+    with pytest.raises(CalibrationError, match="sorted, unique and in range"):
+        base.get_rows(name, torch.tensor([3, 1]))
 
 
 def test_errors_name_the_problem(family, tmp_path):

@@ -187,6 +187,10 @@ class WeightSource:
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def get_rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` of tensor ``name``; sources that can read rows alone override this."""
+        return self.get(name)[index]
+
     def describe(self) -> str:
         return type(self).__name__
 
@@ -206,6 +210,12 @@ class SafetensorsSource(Checkpoint, WeightSource):
     def get(self, name: str) -> torch.Tensor:
         try:
             return super().get(name)
+        except CheckpointError as error:
+            raise CalibrationError(str(error)) from None
+
+    def get_rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        try:
+            return super().get_rows(name, index)
         except CheckpointError as error:
             raise CalibrationError(str(error)) from None
 
@@ -430,6 +440,23 @@ def _skeleton(config, dtype):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def _load_embedding_rows(embedding: torch.nn.Embedding, name: str, source: WeightSource, used: torch.Tensor, dtype) -> None:
+    """``embedding`` (on meta) with the rows ``used`` of checkpoint tensor ``name`` only; the
+    caller maps token ids to positions in ``used``."""
+    rows = source.get_rows(name, used)
+    source.release()
+    if rows.dim() != 2 or rows.shape[1] != embedding.embedding_dim or int(used.max()) >= embedding.num_embeddings:
+        raise CalibrationError(
+            f"{source.describe()}: tensor {name} gives rows of shape {list(rows.shape)}, the model config "
+            f"expects {embedding.num_embeddings} × {embedding.embedding_dim}"
+        )
+    embedding.weight = torch.nn.Parameter(rows.to(dtype), requires_grad=False)
+    embedding.num_embeddings = rows.shape[0]
+    if embedding.padding_idx is not None:  # only a gradient matters here; keep it a valid row or none
+        where = (used == embedding.padding_idx).nonzero()
+        embedding.padding_idx = int(where[0]) if len(where) else None
+
+
 def _load_module(module: torch.nn.Module, prefix: str, source: WeightSource, dtype, what: str) -> None:
     """Materialise ``module`` (on meta) on CPU with its tensors from ``source``: the loaded
     tensors become the parameters (``assign``), so a layer is never held twice."""
@@ -564,15 +591,26 @@ def _collect_streaming(config, source: WeightSource, batches, modules, dtype, pr
     if backbone is None or not layers_name.startswith(base_name + "."):
         raise CalibrationError(f"{type(model).__name__}: unexpected module layout; use streaming=False")
     layers_attribute = layers_name[len(base_name) + 1:]
+    # The input embedding holds only the rows of the tokens in the batches (ids remapped to
+    # them): a vocabulary-sized matrix is the largest tensor of a small model, and its whole
+    # (or, for a fused model, its inputs') pages would set the pass's peak memory.
+    embedding = model.get_input_embeddings()
+    compact = type(embedding) is torch.nn.Embedding or isinstance(embedding, torch.nn.Embedding)
+    used = torch.unique(torch.cat([batch[0].reshape(-1).cpu() for batch in batches])) if compact else None
     for name, child in backbone.named_children():
         if name == layers_attribute:
             continue
-        if any(True for _ in child.parameters()):
+        if compact and child is embedding:
+            _load_embedding_rows(child, f"{base_name}.{name}.weight", source, used, dtype)
+        elif any(True for _ in child.parameters()):
             _load_module(child, f"{base_name}.{name}.", source, dtype, type(model).__name__)
     _rebuild_buffers(backbone, config, skip=(layers_attribute.split(".")[0],))
     for name, child in backbone.named_children():
         if name != layers_attribute:
             child.to(device)
+    if compact:
+        used_on = used.to(device)
+        batches = [(torch.searchsorted(used_on, ids), attention, tokens) for ids, attention, tokens in batches]
 
     # One pass of the model's own code with catchers: what each layer receives, per batch.
     carried: List[torch.Tensor] = []

@@ -57,6 +57,25 @@ def header_shapes(directory: str) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
+_DTYPES_BY_NAME = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _header(path: str) -> Dict[str, Any]:
+    """A safetensors file's header, with ``__data_start__`` (the byte where tensor data begin)."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header["__data_start__"] = 8 + size
+    return header
+
+
+def _torch_dtype(name: str):
+    """The torch dtype of a safetensors dtype name (None for the ones read through the map)."""
+    import torch
+
+    return getattr(torch, _DTYPES_BY_NAME[name]) if name in _DTYPES_BY_NAME else None
+
+
 def refuse_non_finite(tensor, name: str, model: str) -> None:
     """Raise :class:`CheckpointError` naming the model and tensor if it has NaN or Inf values.
 
@@ -139,6 +158,46 @@ class Checkpoint:
         name = name if name in self.weight_map else self.aliases.get(name, name)
         with self._lock:
             tensor = self._handle(name).get_tensor(name)
+        if self.check_finite:
+            refuse_non_finite(tensor, name, self.directory)
+        return tensor
+
+    def get_rows(self, name: str, index):
+        """Rows ``index`` (sorted, unique) of tensor ``name``, read from the file with ``pread``
+        run by run of consecutive rows: an embedding's rows for the tokens in use. Not through
+        the memory map, where scattered rows fault in (and count in the resident set) most of
+        the matrix around them. The NaN check covers the rows read."""
+        import torch
+
+        name = name if name in self.weight_map else self.aliases.get(name, name)
+        path = self.weight_map.get(name)
+        if path is None:
+            raise CheckpointError(f"{self.directory}: tensor {name!r} not found in the checkpoint")
+        header = _header(path)
+        entry, data_start = header[name], header["__data_start__"]
+        dtype = _torch_dtype(entry["dtype"])
+        shape = entry["shape"]
+        if dtype is None or len(shape) != 2:  # an unusual layout: through the memory map
+            with self._lock:
+                tensor = self._handle(name).get_tensor(name)[index]
+        else:
+            rows = [int(i) for i in index]
+            if rows != sorted(set(rows)) or (rows and not 0 <= rows[0] <= rows[-1] < shape[0]):
+                raise CheckpointError(f"{self.directory}: rows of {name} must be sorted, unique and in range")
+            row_bytes = shape[1] * torch.empty((), dtype=dtype).element_size()
+            start = data_start + entry["data_offsets"][0]
+            chunks = []
+            with open(path, "rb") as handle:
+                run = 0
+                while run < len(rows):
+                    end = run
+                    while end + 1 < len(rows) and rows[end + 1] == rows[end] + 1:
+                        end += 1
+                    count = end - run + 1
+                    data = os.pread(handle.fileno(), count * row_bytes, start + rows[run] * row_bytes)
+                    chunks.append(torch.frombuffer(bytearray(data), dtype=dtype).view(count, shape[1]))
+                    run = end + 1
+            tensor = torch.cat(chunks) if chunks else torch.empty((0, shape[1]), dtype=dtype)
         if self.check_finite:
             refuse_non_finite(tensor, name, self.directory)
         return tensor

@@ -118,6 +118,11 @@ class AlignedCheckpoint:
         out[present] = tensor[rows[present]]
         return out
 
+    def get_rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        if not self._needs_alignment(name):
+            return self.expert.get_rows(name, index)
+        return self.get(name)[index]
+
 
 def aligned(expert: Checkpoint, base: Checkpoint):
     """``expert`` as read against ``base``: aligned where any vocabulary tensor differs."""

@@ -47,6 +47,31 @@ class FusedSource(WeightSource):
                 )
             experts.append(tensor)
         with seeded(self.seed, name):
+            fused = fuse(base, experts, **self.fuse_kwargs)
+        if self.experts:
+            # the fused tensor is new memory: the inputs' memory-mapped pages can go now, not
+            # after the whole layer (they count in the resident set while mapped)
+            del base, experts
+            self.release()
+        return fused
+
+    def get_rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """The fused rows alone where the backbone is elementwise (task arithmetic, mean); TIES
+        and DARE select over the whole tensor, so those fuse it whole first."""
+        from mergekit_safety.fusion.kernel import BACKBONES, Backbone
+
+        definition = BACKBONES[Backbone(self.fuse_kwargs.get("backbone", "task_arithmetic"))]
+        if definition.sparsification is not None or definition.consensus:
+            return self.get(name)[index]
+        base = self.base.get_rows(name, index).to(torch.float32)
+        experts = [expert.get_rows(name, index).to(torch.float32) for expert in self.experts]
+        for expert, tensor in zip(self.experts, experts):
+            if tensor.shape != base.shape:
+                raise CalibrationError(
+                    f"tensor {name}: expert {expert.describe()} has rows of shape {list(tensor.shape)}, "
+                    f"base {self.base.describe()} has {list(base.shape)}"
+                )
+        with seeded(self.seed, name):
             return fuse(base, experts, **self.fuse_kwargs)
 
     def describe(self) -> str:

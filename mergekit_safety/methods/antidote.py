@@ -297,7 +297,13 @@ class Antidote(LocatingFusionMethod):
                     if name not in stats:
                         raise RuntimeError(f"antidote: no calibration statistics for {name}")
                     norm = stats[name].norm
-                    scored = weight if mode == "zero" else weight - base.get(name).to(torch.float32)
+                    scored = weight
+                    if mode != "zero":
+                        # the fused tensor is this loop's own memory: τ in its place (one
+                        # weight-sized buffer, not two); a checkpoint's tensor is a read-only map
+                        base_weight = base.get(name).to(torch.float32)
+                        scored = weight.sub_(base_weight) if isinstance(source, FusedSource) else weight - base_weight
+                        del base_weight
                     score_rows = lambda rows: wanda_scores(scored[rows], norm)  # noqa: E731
                 selected = top_alpha_per_row_in_blocks(score_rows, weight.shape, alpha)
                 selected_total += int(selected.sum())
