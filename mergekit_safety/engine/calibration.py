@@ -597,18 +597,20 @@ def _collect_streaming(config, source: WeightSource, batches, modules, dtype, pr
     embedding = model.get_input_embeddings()
     compact = type(embedding) is torch.nn.Embedding or isinstance(embedding, torch.nn.Embedding)
     used = torch.unique(torch.cat([batch[0].reshape(-1).cpu() for batch in batches])) if compact else None
+    remapped = False  # only an embedding that is the backbone's own child is read by rows
     for name, child in backbone.named_children():
         if name == layers_attribute:
             continue
         if compact and child is embedding:
             _load_embedding_rows(child, f"{base_name}.{name}.weight", source, used, dtype)
+            remapped = True
         elif any(True for _ in child.parameters()):
             _load_module(child, f"{base_name}.{name}.", source, dtype, type(model).__name__)
     _rebuild_buffers(backbone, config, skip=(layers_attribute.split(".")[0],))
     for name, child in backbone.named_children():
         if name != layers_attribute:
             child.to(device)
-    if compact:
+    if remapped:
         used_on = used.to(device)
         batches = [(torch.searchsorted(used_on, ids), attention, tokens) for ids, attention, tokens in batches]
 
