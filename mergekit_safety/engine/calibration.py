@@ -595,7 +595,7 @@ def _collect_streaming(config, source: WeightSource, batches, modules, dtype, pr
     # them): a vocabulary-sized matrix is the largest tensor of a small model, and its whole
     # (or, for a fused model, its inputs') pages would set the pass's peak memory.
     embedding = model.get_input_embeddings()
-    compact = type(embedding) is torch.nn.Embedding or isinstance(embedding, torch.nn.Embedding)
+    compact = isinstance(embedding, torch.nn.Embedding)
     used = torch.unique(torch.cat([batch[0].reshape(-1).cpu() for batch in batches])) if compact else None
     remapped = False  # only an embedding that is the backbone's own child is read by rows
     for name, child in backbone.named_children():

@@ -37,6 +37,11 @@ def safetensors_files(directory: str) -> List[str]:
 
 def read_header(path: str) -> Dict[str, Any]:
     """The JSON header of one safetensors file (names, dtypes, shapes, offsets)."""
+    return _header_and_data_start(path)[0]
+
+
+def _header_and_data_start(path: str) -> Tuple[Dict[str, Any], int]:
+    """(header, byte where the tensor data begin: offsets in the header count from there)."""
     with open(path, "rb") as handle:
         raw_length = handle.read(8)
         if len(raw_length) != 8:
@@ -44,7 +49,7 @@ def read_header(path: str) -> Dict[str, Any]:
         (length,) = struct.unpack("<Q", raw_length)
         if length > os.path.getsize(path) - 8:
             raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
-        return json.loads(handle.read(length))
+        return json.loads(handle.read(length)), 8 + length
 
 
 def header_shapes(directory: str) -> Dict[str, Tuple[int, ...]]:
@@ -58,15 +63,6 @@ def header_shapes(directory: str) -> Dict[str, Tuple[int, ...]]:
 
 
 _DTYPES_BY_NAME = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
-def _header(path: str) -> Dict[str, Any]:
-    """A safetensors file's header, with ``__data_start__`` (the byte where tensor data begin)."""
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-    header["__data_start__"] = 8 + size
-    return header
 
 
 def _torch_dtype(name: str):
@@ -173,8 +169,8 @@ class Checkpoint:
         path = self.weight_map.get(name)
         if path is None:
             raise CheckpointError(f"{self.directory}: tensor {name!r} not found in the checkpoint")
-        header = _header(path)
-        entry, data_start = header[name], header["__data_start__"]
+        header, data_start = _header_and_data_start(path)
+        entry = header[name]
         dtype = _torch_dtype(entry["dtype"])
         shape = entry["shape"]
         if dtype is None or len(shape) != 2:  # an unusual layout: through the memory map
@@ -184,7 +180,7 @@ class Checkpoint:
             rows = [int(i) for i in index]
             if rows != sorted(set(rows)) or (rows and not 0 <= rows[0] <= rows[-1] < shape[0]):
                 raise CheckpointError(f"{self.directory}: rows of {name} must be sorted, unique and in range")
-            row_bytes = shape[1] * torch.empty((), dtype=dtype).element_size()
+            row_bytes = shape[1] * dtype.itemsize
             start = data_start + entry["data_offsets"][0]
             chunks = []
             with open(path, "rb") as handle:

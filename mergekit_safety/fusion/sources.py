@@ -36,22 +36,10 @@ class FusedSource(WeightSource):
         return self.base.has(name)
 
     def get(self, name: str) -> torch.Tensor:
-        base = self.base.get(name).to(torch.float32)
-        experts = []
-        for expert in self.experts:
-            tensor = expert.get(name).to(torch.float32)
-            if tensor.shape != base.shape:
-                raise CalibrationError(
-                    f"tensor {name}: expert {expert.describe()} has shape {list(tensor.shape)}, "
-                    f"base {self.base.describe()} has {list(base.shape)}"
-                )
-            experts.append(tensor)
-        with seeded(self.seed, name):
-            fused = fuse(base, experts, **self.fuse_kwargs)
+        fused = self._fuse(name, lambda source: source.get(name))
         if self.experts:
             # the fused tensor is new memory: the inputs' memory-mapped pages can go now, not
             # after the whole layer (they count in the resident set while mapped)
-            del base, experts
             self.release()
         return fused
 
@@ -63,14 +51,20 @@ class FusedSource(WeightSource):
         definition = BACKBONES[Backbone(self.fuse_kwargs.get("backbone", "task_arithmetic"))]
         if definition.sparsification is not None or definition.consensus:
             return self.get(name)[index]
-        base = self.base.get_rows(name, index).to(torch.float32)
-        experts = [expert.get_rows(name, index).to(torch.float32) for expert in self.experts]
-        for expert, tensor in zip(self.experts, experts):
+        return self._fuse(name, lambda source: source.get_rows(name, index))
+
+    def _fuse(self, name: str, read) -> torch.Tensor:
+        """``fuse`` of what ``read`` gives for the base and each expert (shapes checked)."""
+        base = read(self.base).to(torch.float32)
+        experts = []
+        for expert in self.experts:
+            tensor = read(expert).to(torch.float32)
             if tensor.shape != base.shape:
                 raise CalibrationError(
-                    f"tensor {name}: expert {expert.describe()} has rows of shape {list(tensor.shape)}, "
+                    f"tensor {name}: expert {expert.describe()} has shape {list(tensor.shape)}, "
                     f"base {self.base.describe()} has {list(base.shape)}"
                 )
+            experts.append(tensor)
         with seeded(self.seed, name):
             return fuse(base, experts, **self.fuse_kwargs)
 

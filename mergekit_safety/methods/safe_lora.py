@@ -82,7 +82,7 @@ class AlignmentProjector:
 
     def __init__(self, alignment: torch.Tensor) -> None:
         self.alignment = alignment
-        self.norm = float(alignment.double().norm())
+        self.norm = float(torch.linalg.vector_norm(alignment, dtype=torch.float64))
         self._gram: Optional[torch.Tensor] = None
 
     def __call__(self, update: torch.Tensor) -> torch.Tensor:
@@ -223,12 +223,17 @@ class ProjectionMethod(LocatingFusionMethod):
                 self._candidates[key] = names
         if inputs.name not in names:
             return TensorMasks()
-        alignment = inputs.base.float() - model_tensor(parameters["unaligned_model"], inputs.name, inputs.base).float()
         threshold = float(parameters["threshold"])
         tally = (base_dir, tuple(str(e) for e in inputs.expert_models), threshold, parameters["modules"])
         total = len(names) * self.tally_units(parameters, len(inputs.experts))
-        return self.streaming_masks(inputs, parameters, AlignmentProjector(alignment), threshold,
+        return self.streaming_masks(inputs, parameters, self.projector(inputs, parameters), threshold,
                                     lambda acted: self._count(tally, total, acted, threshold))
+
+    @staticmethod
+    def projector(inputs: TensorInputs, parameters: Dict[str, Any]) -> "AlignmentProjector":
+        """C for this tensor: V = θ_A − θ_U from the base and the unaligned model."""
+        unaligned = model_tensor(parameters["unaligned_model"], inputs.name, inputs.base)
+        return AlignmentProjector(inputs.base.float() - unaligned.float())
 
     def tally_units(self, parameters: Dict[str, Any], experts: int) -> int:
         """Decisions per candidate weight (each expert's update, or the fused one)."""
@@ -355,7 +360,7 @@ class SafeLoRA(ProjectionMethod):
         acting = [name in chosen for chosen in per_expert] if parameters["apply_to"] == "experts" else [name in fusion]
         if not any(acting):
             return TensorMasks()
-        projector = AlignmentProjector(inputs.base.float() - model_tensor(parameters["unaligned_model"], name, inputs.base).float())
+        projector = self.projector(inputs, parameters)
 
         def project(update: torch.Tensor) -> torch.Tensor:
             return projector(update).to(update.dtype)

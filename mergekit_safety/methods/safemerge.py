@@ -23,7 +23,7 @@ import torch
 from mergekit_safety.fusion.kernel import TensorMasks
 from mergekit_safety.fusion.method import TensorInputs, model_tensor
 from mergekit_safety.fusion.settings import UnitInterval, setting
-from mergekit_safety.methods.safe_lora import ProjectionMethod, ProjectionSettings, projected_cosines
+from mergekit_safety.methods.safe_lora import ProjectionMethod, ProjectionSettings
 
 
 class SafeMergeSettings(ProjectionSettings):
@@ -50,7 +50,7 @@ class SafeMerge(ProjectionMethod):
             safe = model_tensor(parameters["safety_model"], inputs.name, inputs.base).float() - inputs.base.float()
 
         def blend(update: torch.Tensor) -> torch.Tensor:
-            cosine = projected_cosines([update], projector.alignment)[0]
+            _, cosine = projector.image_and_cosine(update)
             count(cosine < threshold)
             if cosine >= threshold:
                 return update

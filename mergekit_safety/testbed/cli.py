@@ -450,9 +450,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         if single not in expert_skills:
             raise SystemExit(f"--safety-single {single!r} is not one of the experts {list(expert_skills)}")
         variants = safety.parse_variants(s["safety_somf_variants"])
-        specs = safety.specs(paths, expert_skills, single, safety.parse_parameters(s["safety_somf"]), variants)
+        every_spec = safety.specs(paths, expert_skills, single, safety.parse_parameters(s["safety_somf"]), variants)
         wanted_methods = {m.strip() for m in s["safety_methods"].split(",") if m.strip()}
-        specs = safety.select(specs, wanted_methods)
+        specs = safety.select(every_spec, wanted_methods)
         for name, spec in specs.items():
             with open(os.path.join(folder, f"{name}.yml"), "w") as handle:
                 handle.write(safety.merge_yaml(spec, paths, expert_skills, s["safety_weight"], s["variant"]))
@@ -473,8 +473,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         # the pairs come from the SOMF configuration with every expert, whichever merges were selected
         pairs_config = os.path.join(folder, "pairs.yml")
         with open(pairs_config, "w") as handle:
-            handle.write(safety.merge_yaml(safety.specs(paths, expert_skills, single, safety.parse_parameters(s["safety_somf"]))["somf"], paths, expert_skills,
-                                           s["safety_weight"], s["variant"]))
+            handle.write(safety.merge_yaml(every_spec["somf"], paths, expert_skills, s["safety_weight"], s["variant"]))
 
         def pairs_body():
             result = run_logged([bin_path("mergekit-safety"), "pairs", pairs_config,
