@@ -228,6 +228,15 @@ def test_fused_rows_are_the_fused_tensors_rows(family, backbone):
         base.get_rows(name, torch.tensor([3, 1]))
 
 
+def test_embedding_rows_of_the_wrong_width_are_refused(family):
+    class Narrow(SafetensorsSource):
+        def get_rows(self, name, index):
+            return super().get_rows(name, index)[:, :-1]
+
+    with pytest.raises(CalibrationError, match="model.embed_tokens.weight gives rows of shape"):
+        collect_statistics(family["base"], random_examples(count=2), weights=Narrow(family["base"]), progress=False)
+
+
 def test_errors_name_the_problem(family, tmp_path):
     with pytest.raises(CalibrationError, match="token_scope"):
         collect_statistics(family["base"], random_examples(2), token_scope="prompt", progress=False)
