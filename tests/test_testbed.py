@@ -113,3 +113,77 @@ def test_safety_merges_are_selected_by_family_or_by_name(tmp_path):
     assert set(safety.select(specs, ["somf_single"])) == {
         "somf_single_x", "somf_single_x_random", "somf_single_x_benign", "somf_single_x_benign_random"}
     assert list(safety.select(specs, ["ssah", "nothing"])) == ["ssah", "ssah_random"]
+    # the data-free methods on one expert: their own family, against the aligned base with that expert alone
+    single = safety.select(specs, ["resta_single"])
+    assert list(single) == ["resta_single_x", "resta_single_x_random"] and single["resta_single_x"]["experts"] == "x"
+    assert "resta_single_x" not in safety.select(specs, ["resta"])
+
+
+def test_the_frontier_grid_is_checked_before_anything_runs():
+    import pytest
+
+    from mergekit_safety.sweep import SweepError
+
+    grid = safety.parse_frontier(safety.FRONTIER)
+    assert grid["resta"] == ("gamma", [1, 2]) and grid["safemerge"] == ("blend", [0.75, 1])
+    with pytest.raises(SweepError, match="did you mean 'gamma'"):
+        safety.parse_frontier("resta:gama=1,2")
+    with pytest.raises(SweepError, match="protect_share=1.5"):
+        safety.parse_frontier("ssah:protect_share=0.2,1.5")
+    with pytest.raises(SweepError, match="given twice"):
+        safety.parse_frontier("resta:gamma=1;resta:gamma=2")
+    with pytest.raises(SweepError, match="method:knob"):
+        safety.parse_frontier("gamma=1,2")
+
+
+def test_frontier_points_set_the_knob_and_add_one_control_at_the_strongest_value(tmp_path):
+    import pytest
+
+    paths = {"safety": str(tmp_path), "original": "/o", "aligned": "/a", "adapters": "/d"}
+    every = safety.specs(paths, ["x", "y"], "x", {"batch_size": 8})
+    points = safety.frontier_specs(every, safety.parse_frontier("resta:gamma=1,2;somf:mask_threshold=-4,4"))
+    assert list(points) == ["frontier_resta_gamma1", "frontier_resta_gamma2", "frontier_resta_gamma2_random",
+                            "frontier_somf_mask_threshold-4", "frontier_somf_mask_threshold4",
+                            "frontier_somf_mask_threshold4_random"]
+    strong, control = points["frontier_resta_gamma2"], points["frontier_resta_gamma2_random"]
+    assert strong["parameters"] == {**every["resta"]["parameters"], "gamma": 2} and not strong["control"]
+    assert control["parameters"] == {**strong["parameters"], "control": "random"} and control["control"]
+    # a SOMF point keeps the safety stage's SOMF settings (so the cached mask is reused) and only adds the knob
+    somf = points["frontier_somf_mask_threshold4"]["parameters"]
+    assert somf == {**every["somf"]["parameters"], "mask_threshold": 4}
+    assert len({str(p["identity"]) for p in points.values()}) == len(points)
+    with pytest.raises(ValueError, match="no safety merge 'ties'"):
+        safety.frontier_specs(every, {"ties": ("density", [0.5])})
+
+
+def test_frontier_sweeps_write_sweep_results_that_combine(tmp_path):
+    """Testbed evaluations become sweep rows (retention against the plain fusion, the default
+    point from the safety stage, Pareto marks) that ``mergekit-safety frontier`` draws."""
+    from mergekit_safety.sweep import combine_frontiers
+
+    def result(refusal, over, acc):
+        return {"refusal": {"rate": refusal, "n": 100, "ci95": [max(0, refusal - 0.05), min(1, refusal + 0.05)]},
+                "over_refusal": {"rate": over, "n": 50, "ci95": [0, over + 0.05]},
+                "accuracy": {"x": {"rate": acc}, "y": {"rate": acc}, "copy": {"rate": 1.0}}, "judge": "keyword"}
+
+    paths = {"safety": str(tmp_path), "original": "/o", "aligned": "/a", "adapters": "/d"}
+    grid = safety.parse_frontier("resta:gamma=1,2")
+    points = safety.frontier_specs(safety.specs(paths, ["x", "y"], "x", {}), grid)
+    results = {"resta": result(0.0, 0.0, 0.7), "resta_random": result(0.0, 0.0, 0.6),
+               "frontier_resta_gamma1": result(0.5, 0.1, 0.5), "frontier_resta_gamma2": result(0.9, 0.2, 0.3),
+               "frontier_resta_gamma2_random": result(0.1, 0.0, 0.4)}
+    folders = safety.frontier_sweeps(grid, points, results, result(1.0, 0.0, 0.1), result(0.0, 0.0, 0.9),
+                                     ["x", "y"], str(tmp_path / "frontier"), "python -m mergekit_safety.testbed ...")
+    data = json.load(open(folders[0] + "/results.json"))
+    rows = {r["label"]: r for r in data["rows"]}
+    assert list(rows) == ["aligned", "plain", "gamma=0.5, control=none", "gamma=1, control=none",
+                          "gamma=2, control=none", "gamma=0.5, control=random", "gamma=2, control=random"]
+    assert abs(rows["gamma=1, control=none"]["retention"] - 0.5) < 1e-9  # (0.5 - 0.1) / (0.9 - 0.1)
+    assert rows["plain"]["retention"] == 1 and rows["aligned"]["retention"] == 0
+    # no point beats gamma=2 on refusal or gamma=0.5 on retention: both Pareto-optimal; gamma=2's control is dominated
+    assert rows["gamma=2, control=none"]["pareto"] and rows["gamma=0.5, control=none"]["pareto"]
+    assert not rows["gamma=2, control=random"]["pareto"]
+    assert data["command"].startswith("python -m mergekit_safety.testbed")
+    combined = combine_frontiers(folders, str(tmp_path / "f.png"), str(tmp_path / "f.md"))
+    assert combined["axis"] == "retention" and "gamma=2, control=random | 90.0" not in open(tmp_path / "f.md").read()
+    assert "| resta | gamma=2, control=random | 10.0 (5.0–15.0) |" in open(tmp_path / "f.md").read()

@@ -1,6 +1,7 @@
 """``python -m mergekit_safety.testbed``: the staged, cached, resumable testbed command.
 
-Stages (in order): fetch, convert, data, align, experts, fuse, eval, safety. Each stage has a stamp: the
+Stages (in order): fetch, convert, data, align, experts, fuse, eval, safety, frontier (``all`` runs
+every stage but the frontier, which is asked for by name). Each stage has a stamp: the
 sha256 of its settings and of the stamp of the stage before it, so changing a setting redoes
 that stage and everything after it. Stages with several items (experts, fusions, evaluated
 models) stamp each item as it finishes, so an interrupted run resumes with the next item. Stamps
@@ -19,8 +20,10 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-STAGES = ("fetch", "convert", "data", "align", "experts", "fuse", "eval", "safety")
-ITEMIZED = ("align", "experts", "fuse", "eval", "safety")
+STAGES = ("fetch", "convert", "data", "align", "experts", "fuse", "eval", "safety", "frontier")
+ITEMIZED = ("align", "experts", "fuse", "eval", "safety", "frontier")
+# ``--stages all``: the frontier (18 more merges) runs only when named
+ALL_STAGES = STAGES[:-1]
 RECIPE_VERSION = 1  # bump when a stage's code changes its outputs
 SAFETY_VERSION = 1  # the safety stage's own (bumping it redoes only that stage)
 
@@ -57,12 +60,14 @@ DEFAULTS: Dict[str, Any] = {
     "safety_benign": 48,
     "safety_weight": 1.0,
     "safety_single": "json",
-    "safety_methods": "somf,somf_single,ssah,antidote,resta,safe_lora,safemerge",
+    "safety_methods": "somf,somf_single,ssah,antidote,resta,safe_lora,safemerge,resta_single,safe_lora_single,safemerge_single",
     # SOMF on a CPU: bf16 (an execution setting) and the batch/step budget of 2 cores (docs/testbed.md)
     "safety_somf": "dtype=bfloat16,batch_size=8,steps=400,check_every=25",
     # SOMF variants measured beside the defaults (docs/testbed.md: "SOMF against over-refusal")
     "safety_somf_variants": "benign:benign_weight=1.0,stop_preference=0.95",
     "keep_merges": 0,
+    # frontier stage: each method's strength knob (docs/testbed.md, "The frontier")
+    "frontier": "",
 }
 
 HELP = {
@@ -81,8 +86,9 @@ HELP = {
     "safety_benign": "calibration benign prompts per kind (each skill, copy, benign requests)",
     "safety_weight": "weight of every expert in the safety merges (the best plain fusion's)",
     "safety_single": "the expert of the single-expert SOMF merge",
-    "safety_methods": "safety merges to run (each with its random control): method families (somf, somf_single, ssah, ...) or merge names (e.g. somf_benign)",
+    "safety_methods": "safety merges to run (each with its random control): method families (somf, somf_single, ssah, resta_single, ...) or merge names (e.g. somf_benign)",
     "keep_merges": "1 = keep the safety merges' model folders after their evaluation",
+    "frontier": "frontier stage: method:knob=v1,v2;... (empty: the package's grid, safety.FRONTIER); the last value of each also gets its random control",
     "safety_somf": "extra SOMF parameters, comma-separated key=value (everything else: the package's defaults)",
     "safety_somf_variants": "SOMF variants beside the defaults: name:key=value,...;name2:... (each multi- and single-expert, with controls)",
 }
@@ -175,6 +181,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--publish", default=None, metavar="PATH.json",
                         help="also copy the table to PATH.json and PATH.md (e.g. benchmarks/results/real_model.json)")
+    parser.add_argument("--publish-frontier", default=None, metavar="STEM",
+                        help="also copy the frontier to STEM.png, STEM.md and STEM_<method>.json "
+                             "(e.g. benchmarks/results/frontier_testbed)")
     parser.add_argument("--skills", default=None, help="comma-separated expert skills (default: skills.EXPERT_SKILLS)")
     for key, value in DEFAULTS.items():
         parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value,
@@ -187,7 +196,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     os.makedirs(work, exist_ok=True)
     log = Log(os.path.join(work, "log.txt"))
     stamps = Stamps(work)
-    wanted = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    wanted = ALL_STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = set(wanted) - set(STAGES)
     if unknown:
         parser.error(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
@@ -214,6 +223,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "fusions": os.path.join(work, "fusions"),
         "eval": os.path.join(work, "eval"),
         "safety": os.path.join(work, "safety"),
+        "frontier": os.path.join(work, "frontier"),
     }
 
     # the stamp chain: each stage's digest covers its own settings and the previous digest
@@ -236,6 +246,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     chain["eval"] = digest("eval", chain["fuse"], s["max_new_tokens"])
     safety_keys = ("safety_harmful", "safety_benign", "safety_weight", "safety_single", "max_new_tokens")
     chain["safety"] = digest("safety", chain["eval"], SAFETY_VERSION, {k: s[k] for k in safety_keys})
+    # the grid is not part of the stamp: each point is an item, so a new value adds one merge
+    chain["frontier"] = digest("frontier", chain["safety"])
 
     def stage(name: str, body: Callable[[str], None]) -> None:
         if name not in wanted:
@@ -398,17 +410,18 @@ def main(argv: Optional[List[str]] = None) -> None:
         return data
 
     def evaluate_model(name: str, model_path: str, adapter: Optional[str], data: Dict[str, Any],
-                       **extra: Any) -> Dict[str, Any]:
+                       eval_dir: Optional[str] = None, **extra: Any) -> Dict[str, Any]:
         from .evaluate import evaluate, load_model
 
+        eval_dir = eval_dir or paths["eval"]
         model, tokenizer = load_model(model_path, adapter, args.device)
         result = evaluate(model, tokenizer, data, list(expert_skills) + ["copy"],
-                          os.path.join(paths["eval"], f"{name}.responses.jsonl"),
+                          os.path.join(eval_dir, f"{name}.responses.jsonl"),
                           max_new_tokens=s["max_new_tokens"], batch_size=s["eval_batch_size"], log=log)
         result.update({"name": name, "model": model_path, "adapter": adapter, **extra})
-        with open(os.path.join(paths["eval"], f"{name}.json") + ".tmp", "w") as handle:
+        with open(os.path.join(eval_dir, f"{name}.json") + ".tmp", "w") as handle:
             json.dump(result, handle, indent=2)
-        os.replace(os.path.join(paths["eval"], f"{name}.json") + ".tmp", os.path.join(paths["eval"], f"{name}.json"))
+        os.replace(os.path.join(eval_dir, f"{name}.json") + ".tmp", os.path.join(eval_dir, f"{name}.json"))
         log(f"  {name}: refusal {result['refusal']['rate']}, over-refusal {result['over_refusal']['rate']}, "
             f"accuracy {json.dumps({k: v['rate'] for k, v in result['accuracy'].items()})}")
         return result
@@ -487,23 +500,83 @@ def main(argv: Optional[List[str]] = None) -> None:
         log(f"  derived data: {json.dumps(safety.derived_data(os.path.join(folder, 'pairs'), calibration))}")
         data = eval_data()
         for name, spec in specs.items():
-            out = os.path.join(folder, name)
-
-            def body(name=name, spec=spec, out=out):
-                started = time.time()
-                timing = merge(os.path.join(folder, f"{name}.yml"), out, env)
-                artifacts = [{"path": p, "metadata": m} for p, m in safety.artifact_summary(os.path.join(work, "cache"), started)]
-                result = evaluate_model(name, out, None, data, config=os.path.join(folder, f"{name}.yml"),
-                                        method=spec["method"], control=spec["control"],
-                                        experts=spec["experts"], parameters=spec["parameters"], **timing,
-                                        artifacts=artifacts)
-                if not s["keep_merges"]:
-                    shutil.rmtree(out, ignore_errors=True)
-                return {"refusal": result["refusal"]["rate"], **timing}  # merge_seconds, peak_rss_mb
-
             # --safety-somf changes only the SOMF items: it is part of their identity, not of the stage's
-            identity = spec.get("identity")
-            item("safety", name, h, body, [os.path.join(paths["eval"], f"{name}.json")], identity=identity)
+            item("safety", name, h, safety_merge_body(name, spec, folder, paths["eval"], data),
+                 [os.path.join(paths["eval"], f"{name}.json")], identity=spec.get("identity"))
+
+    def safety_merge_body(name: str, spec: Dict[str, Any], folder: str, eval_dir: str,
+                          data: Dict[str, Any]) -> Callable[[], Dict[str, Any]]:
+        """Merge ``folder/NAME.yml`` through mergekit-yaml, evaluate it into ``eval_dir``, drop the model."""
+        from . import safety
+
+        def body():
+            out = os.path.join(folder, name)
+            started = time.time()
+            timing = merge(os.path.join(folder, f"{name}.yml"), out, {"MERGEKIT_SAFETY_CACHE": os.path.join(work, "cache")})
+            artifacts = [{"path": p, "metadata": m} for p, m in safety.artifact_summary(os.path.join(work, "cache"), started)]
+            result = evaluate_model(name, out, None, data, eval_dir, config=os.path.join(folder, f"{name}.yml"),
+                                    method=spec["method"], control=spec["control"],
+                                    experts=spec["experts"], parameters=spec["parameters"], **timing,
+                                    artifacts=artifacts)
+            if not s["keep_merges"]:
+                shutil.rmtree(out, ignore_errors=True)
+            return {"refusal": result["refusal"]["rate"], **timing}  # merge_seconds, peak_rss_mb
+
+        return body
+
+    # ---------------------------------------------------------------- the frontier
+    def do_frontier(h):
+        from mergekit_safety.sweep import combine_frontiers
+
+        from . import safety
+
+        folder = paths["frontier"]
+        os.makedirs(folder, exist_ok=True)
+        grid = safety.parse_frontier(s["frontier"] or safety.FRONTIER)
+        every_spec = safety.specs(paths, expert_skills, s["safety_single"], safety.parse_parameters(s["safety_somf"]))
+        points = safety.frontier_specs(every_spec, grid)
+        for name, spec in points.items():
+            with open(os.path.join(folder, f"{name}.yml"), "w") as handle:
+                handle.write(safety.merge_yaml(spec, paths, expert_skills, s["safety_weight"], s["variant"]))
+        data = eval_data()
+        for number, (name, spec) in enumerate(points.items(), start=1):
+            log(f"  [frontier {number}/{len(points)}] {name}")
+            item("frontier", name, h, safety_merge_body(name, spec, folder, folder, data),
+                 [os.path.join(folder, f"{name}.json")], identity=spec["identity"])
+
+        def load(path):
+            with open(path) as handle:
+                return json.load(handle)
+
+        # the default point and its control come from the safety stage, the plain fusion (the
+        # safety merges' weight) and the aligned model from the eval stage
+        results = {n: load(os.path.join(folder, f"{n}.json")) for n in points}
+        for method in grid:
+            for name in (method, method + "_random"):
+                path = os.path.join(paths["eval"], f"{name}.json")
+                if os.path.exists(path):
+                    results[name] = load(path)
+                else:
+                    log(f"  {name}: no safety-stage result; its default point is left out (run --stages safety)")
+        plain_name = f"task_arithmetic_w{s['safety_weight']:g}"
+        plain_path = os.path.join(paths["eval"], f"{plain_name}.json")
+        if not os.path.exists(plain_path):
+            raise SystemExit(f"the frontier's retention needs the plain fusion {plain_name} (add task_arithmetic:"
+                             f"{s['safety_weight']:g} to --fusions and run --stages fuse,eval)")
+        command = (f"python -m mergekit_safety.testbed --work {work} --stages frontier --frontier "
+                   f"'{s['frontier'] or safety.FRONTIER}'")
+        folders = safety.frontier_sweeps(grid, points, results, load(os.path.join(paths["eval"], "aligned.json")),
+                                         load(plain_path), list(expert_skills), folder, command)
+        combined = combine_frontiers(folders, os.path.join(folder, "frontier.png"), os.path.join(folder, "frontier.md"))
+        log(f"  frontier: {json.dumps(combined['files'])}")
+        if args.publish_frontier:
+            stem = args.publish_frontier
+            os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+            shutil.copyfile(os.path.join(folder, "frontier.png"), stem + ".png")
+            shutil.copyfile(os.path.join(folder, "frontier.md"), stem + ".md")
+            for method, sweep_folder in zip(grid, folders):
+                shutil.copyfile(os.path.join(sweep_folder, "results.json"), f"{stem}_{method}.json")
+            log(f"  frontier copied to {stem}.png, {stem}.md and {stem}_<method>.json")
 
     stage("fetch", do_fetch)
     stage("convert", do_convert)
@@ -513,6 +586,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     stage("fuse", do_fuse)
     stage("eval", do_eval)
     stage("safety", do_safety)
+    stage("frontier", do_frontier)
     if ("eval" in wanted or "safety" in wanted) and os.path.isdir(paths["eval"]):
         from .report import write_report
 

@@ -110,7 +110,8 @@ def specs(paths: Dict[str, str], skills: Sequence[str], single: str, somf_extra:
     out: Dict[str, Spec] = {}
 
     def add(name, method, params, experts="all", identity=None):
-        family = method if method != "somf" else "somf" if experts == "all" else "somf_single"
+        # a family is what --safety-methods selects: the method, or METHOD_single for one expert
+        family = method if experts == "all" else f"{method}_single"
         common = {"method": method, "experts": experts, "family": family, "identity": identity}
         out[name] = {**common, "parameters": params, "control": False}
         out[name + "_random"] = {**common, "parameters": {**params, "control": "random"}, "control": True}
@@ -131,6 +132,9 @@ def specs(paths: Dict[str, str], skills: Sequence[str], single: str, somf_extra:
     add("resta", "resta", unaligned)
     add("safe_lora", "safe_lora", unaligned)
     add("safemerge", "safemerge", unaligned)
+    # the data-free methods' own setting: one fine-tune against its aligned base (issue 17, item 5)
+    for method in ("resta", "safe_lora", "safemerge"):
+        add(f"{method}_single_{single}", method, unaligned, experts=single)
     return out
 
 
@@ -175,3 +179,106 @@ def select(specs: Dict[str, Spec], wanted: Iterable[str]) -> Dict[str, Spec]:
     wanted = set(wanted)
     return {n: sp for n, sp in specs.items()
             if sp["family"] in wanted or n in wanted or (n.endswith("_random") and n[: -len("_random")] in wanted)}
+
+
+# ----------------------------------------------------------------------------- the frontier stage
+# method → the strength knob swept on the testbed and its values (besides the default, measured by
+# the safety stage); the last value of each list is the strongest and also gets a random control.
+# SafeMERGE's threshold acts on every layer at its default already, so its knob is the blend.
+FRONTIER = ("somf:mask_threshold=-4,4;ssah:protect_share=0.2,0.5;antidote:alpha=0.2,0.5;"
+            "resta:gamma=1,2;safe_lora:threshold=0.1,0.25;safemerge:blend=0.75,1")
+
+
+def parse_frontier(text: str) -> Dict[str, Tuple[str, List[Any]]]:
+    """``method:knob=v1,v2;…`` → {method: (knob, values)}; names and values are checked against
+    the method's parameters before anything runs."""
+    from mergekit_safety.sweep import SweepError, parse_vary, validate_vary
+
+    out: Dict[str, Tuple[str, List[Any]]] = {}
+    for entry in [e.strip() for e in text.split(";") if e.strip()]:
+        method, sep, vary = entry.partition(":")
+        method = method.strip()
+        if not sep or not method:
+            raise SweepError(f"--frontier {entry!r}: write method:knob=v1,v2")
+        if method in out:
+            raise SweepError(f"--frontier: {method} is given twice")
+        parsed = parse_vary([vary])
+        validate_vary({"merge_method": method}, parsed)
+        out[method] = parsed[0]
+    return out
+
+
+def knob_default(method: str, knob: str) -> Any:
+    """The package's default of a method's parameter (the value the safety stage measured)."""
+    import mergekit_safety.registration  # noqa: F401  (registers the methods with mergekit)
+    from mergekit import merge_methods
+
+    from mergekit_safety.plugin.config import package_method
+
+    return package_method(merge_methods.get(method)).settings.model_fields[knob].default
+
+
+def frontier_specs(every_spec: Dict[str, Spec], grid: Dict[str, Tuple[str, List[Any]]]) -> Dict[str, Spec]:
+    """The frontier's merges: each method's three-expert spec of the safety stage with its knob
+    set to each value, and the random control at the last (strongest) value."""
+    out: Dict[str, Spec] = {}
+    for method, (knob, values) in grid.items():
+        if method not in every_spec:
+            raise ValueError(f"--frontier: no safety merge {method!r} (known: {', '.join(every_spec)})")
+        base = every_spec[method]
+        for index, value in enumerate(values):
+            controls = ("none", "random") if index == len(values) - 1 else ("none",)
+            for control in controls:
+                parameters = {**{k: v for k, v in base["parameters"].items() if k != "control"}, knob: value}
+                if control == "random":
+                    parameters["control"] = "random"
+                name = f"frontier_{method}_{knob}{value:g}" + ("_random" if control == "random" else "")
+                out[name] = {**base, "parameters": parameters, "control": control == "random", "sweep": method,
+                             "point": {knob: value, "control": control},
+                             "identity": {**(base.get("identity") or {}), knob: value, "control": control}}
+    return out
+
+
+def frontier_row(label: str, point: Dict[str, Any], result: Dict[str, Any], skills: Sequence[str]) -> Dict[str, Any]:
+    """A testbed evaluation as a row of ``mergekit-safety sweep``'s results (so ``frontier`` draws it)."""
+    return {"label": label, "point": point,
+            "refusal_rate": result["refusal"]["rate"], "refusal_interval": result["refusal"]["ci95"],
+            "over_refusal_rate": result["over_refusal"]["rate"], "over_refusal_interval": result["over_refusal"]["ci95"],
+            "accuracy": {k: result["accuracy"][k]["rate"] for k in skills},
+            "mean_accuracy": sum(result["accuracy"][k]["rate"] for k in skills) / len(skills),
+            "n_harmful": result["refusal"]["n"], "n_benign": result["over_refusal"]["n"], "judge": result.get("judge"),
+            "merge_seconds": result.get("merge_seconds")}
+
+
+def frontier_sweeps(grid: Dict[str, Tuple[str, List[Any]]], points: Dict[str, Spec], results: Dict[str, Dict[str, Any]],
+                    aligned: Dict[str, Any], plain: Dict[str, Any], skills: Sequence[str], out_dir: str,
+                    command: str) -> List[str]:
+    """Write one sweep folder per method (``results.json``/``.md``/``.csv``, ``frontier.png``) in
+    ``out_dir`` from the evaluations: ``results`` maps a merge's name (the frontier's points and
+    the safety stage's ``METHOD``/``METHOD_random`` at the default) to its testbed result.
+    Retention is against ``plain`` (the plain fusion at the safety merges' weight). Returns the folders."""
+    from mergekit_safety.lab.demo import retention
+    from mergekit_safety.sweep import pareto, write_outputs
+
+    folders = []
+    for method, (knob, values) in grid.items():
+        default = knob_default(method, knob)
+        named = [(method, {knob: default, "control": "none"}), (method + "_random", {knob: default, "control": "random"})]
+        named += [(n, sp["point"]) for n, sp in points.items() if sp["sweep"] == method]
+        rows = [frontier_row("aligned", {}, aligned, skills), frontier_row("plain", {}, plain, skills)]
+        for name, point in named:
+            if name in results:
+                rows.append(frontier_row(", ".join(f"{k}={v}" for k, v in point.items()), point, results[name], skills))
+        rows.sort(key=lambda r: (r["label"] not in ("aligned", "plain"), str(r["point"].get("control", "")),
+                                 r["point"].get(knob, 0)))
+        for row in rows:
+            row["retention"] = retention(row["mean_accuracy"], rows[0]["mean_accuracy"], rows[1]["mean_accuracy"])
+        learned = rows[2:]
+        for row, optimal in zip(learned, pareto(learned, "refusal_rate", "retention")):
+            row["pareto"] = optimal
+        folder = os.path.join(out_dir, method)
+        os.makedirs(folder, exist_ok=True)
+        write_outputs(folder, rows, "retention", [knob, "control"],
+                      extra={"method": method, "testbed": True, "command": command})
+        folders.append(folder)
+    return folders
