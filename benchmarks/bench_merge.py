@@ -343,7 +343,9 @@ def main() -> None:
         ("mergekit task_arithmetic", "io_floor", None),
     ]
     table = [row for row in table if row[0] in results and row[1] in results]
-    print(f"\nmodel size {args.size}, base + {args.experts} experts, bf16, {os.cpu_count()} CPU cores")
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    print(f"\nmodel size {args.size}, base + {args.experts} experts, bf16, {os.cpu_count()} CPU cores, "
+          f"OMP_NUM_THREADS {threads}")
     print(f"{'ours':<40} {'reference':<26} {'time ×':>7} {'RSS ×':>7} {'target':>7}")
     summary = []
     for ours, reference, target in table:
@@ -352,7 +354,8 @@ def main() -> None:
         summary.append({"ours": ours, "reference": reference, "time_ratio": t, "rss_ratio": m, "target": target})
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as handle:
-        json.dump({"size": args.size, "experts": args.experts, "results": results, "ratios": summary}, handle, indent=2)
+        json.dump({"size": args.size, "experts": args.experts, "omp_num_threads": threads, "results": results,
+                   "ratios": summary}, handle, indent=2)
     print(f"\nwritten {args.json}")
 
 

@@ -268,6 +268,89 @@ def test_fast_ties_selection_differs_from_mergekit_only_among_ties_at_the_thresh
     assert mask.tolist() == [False, True, True, False, False]  # lowest indices among the ties
 
 
+def test_fast_sign_consensus_is_mergekits_bit_for_bit():
+    """The fast path's consensus (sign bits, a table of weight sums) gives exactly mergekit's
+    get_mask("sum") + agreeing sums, in every float dtype, with negative weights, exact zeros,
+    sums of exactly 0 and more experts than the table covers."""
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+
+    from mergekit_safety.fusion.kernel import sign_consensus
+
+    generator = torch.Generator().manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for count in (1, 2, 3, 5, 9):
+            shape = (count, 17, 23)
+            deltas = (torch.randn(shape, generator=generator) * 0.01).to(dtype)
+            deltas[torch.rand(shape, generator=generator) < 0.4] = 0  # sparsified entries
+            deltas[:, 0, :4] = 0  # columns whose sum is exactly 0 (majority +1, as in get_mask)
+            if count >= 2:
+                deltas[1, 1, :5] = -deltas[0, 1, :5]  # opposite entries: sums of 0 with disagreement
+            weights = (torch.rand(count, generator=generator) * 2 - 0.5).tolist()
+            weight_tensor = torch.tensor(weights, dtype=dtype).view(count, 1, 1)
+            deltas = deltas * weight_tensor
+            agree = get_mask(deltas, method="sum", mask_dtype=dtype)
+            expected_mixed = (deltas * agree).sum(dim=0)
+            expected_divisor = (weight_tensor * agree).sum(dim=0)
+            mixed, divisor = sign_consensus(deltas.clone(), weights)
+            assert torch.equal(mixed, expected_mixed), (dtype, count)
+            assert torch.equal(divisor, expected_divisor), (dtype, count)
+    assert sign_consensus(torch.zeros(2, 3, dtype=torch.float64), [1.0, 1.0]) is None  # no bit view: the caller's path
+
+
+def test_histogram_selection_equals_the_kth_value_selection():
+    """top_k_mask's histogram of bit patterns selects exactly the k largest, equal values at the
+    threshold by lowest index — checked against a k-th-value selection, in every float dtype."""
+    from mergekit_safety.fusion.kernel import top_k_mask
+
+    generator = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for trial in range(150):
+            n = int(torch.randint(1, 300, (1,), generator=generator))
+            if trial % 3 == 0:  # few distinct values: surplus ties at the threshold
+                magnitudes = torch.randint(0, 4, (n,), generator=generator).to(dtype)
+            else:
+                scale = 10.0 ** int(torch.randint(-6, 3, (1,), generator=generator))
+                magnitudes = (torch.randn(n, generator=generator) * scale).abs().to(dtype)
+            k = int(torch.randint(0, n + 2, (1,), generator=generator))
+            values = magnitudes.double()
+            expected = torch.zeros(n, dtype=torch.bool)
+            if k >= n:
+                expected[:] = True
+            elif k > 0:
+                threshold = torch.kthvalue(values, n - k + 1).values
+                expected = values > threshold
+                expected[(values == threshold).nonzero().view(-1)[: k - int(expected.sum())]] = True
+            assert torch.equal(top_k_mask(magnitudes, k), expected), (dtype, trial)
+
+
+def test_fast_ties_equals_mergekit_ties_without_ties_at_the_threshold():
+    """The whole fast TIES path (selection, sparsified slots in place, consensus) against the
+    default path, which is mergekit's code: identical outputs whenever magnitudes are distinct."""
+    from mergekit_safety.fusion.kernel import fuse
+
+    generator = torch.Generator().manual_seed(7)
+    for dtype in (torch.float32, torch.bfloat16):
+        for count in (1, 3, 4):
+            # 96 distinct magnitudes (exact in bf16) with random signs; a float32 base on a grid
+            # coarse enough that θ_i − θ_A is exactly the task vector again (bf16: base 0)
+            base = (torch.randint(-512, 512, (8, 12), generator=generator) / 1024) if dtype == torch.float32 \
+                else torch.zeros(8, 12)
+            experts = [(base + ((1 + torch.randperm(96, generator=generator) / 128) * 2.0 ** -6
+                                * (torch.randint(0, 2, (96,), generator=generator) * 2 - 1)).reshape(8, 12)).to(dtype)
+                       for _ in range(count)]
+            base = base.to(dtype)
+            for expert in experts:  # the test's premise: no two equal magnitudes in a task vector
+                magnitudes = (expert - base).abs().reshape(-1)
+                assert magnitudes.unique().numel() == magnitudes.numel()
+            weights = (torch.rand(count, generator=generator) + 0.2).tolist()
+            densities = (torch.rand(count, generator=generator) * 0.8 + 0.1).tolist()
+            for normalize in (None, False):
+                default = fuse(base, experts, backbone="ties", weights=weights, densities=densities, normalize=normalize)
+                fast = fuse(base, experts, backbone="ties", weights=weights, densities=densities, normalize=normalize,
+                            ties_selection="fast")
+                assert torch.equal(default, fast), (dtype, count, normalize)
+
+
 def test_fast_ties_through_mergekit_yaml(family, tmp_path):
     text = merge_yaml("masked_fusion", family, ["expert0", "expert1"], "  backbone: ties\n  ties_selection: fast\n",
                       model_parameters="\n      density: 0.4")

@@ -80,37 +80,108 @@ class TensorMasks:
     add: Optional[torch.Tensor] = None
 
 
+def _select_from_top(counts: torch.Tensor, k: int):
+    """Over bins of ascending value: the bin holding the k-th largest entry and how many
+    entries lie in the bins above it."""
+    from_top = counts.flip(0).cumsum(0)  # from_top[j]: entries in the top j + 1 bins
+    j = int(torch.searchsorted(from_top, k))
+    return counts.numel() - 1 - j, (int(from_top[j - 1]) if j else 0)
+
+
 def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest entries of a flat tensor by a k-th-value threshold
-    (linear time, no sort); among entries equal to the threshold, the lowest indices win."""
+    """Boolean mask of the ``k`` largest entries of a flat non-negative tensor; among entries
+    equal to the k-th largest, the lowest indices win.
+
+    Linear time, no sort: a non-negative float's bit pattern orders like the float, so the
+    threshold is found by counting bit patterns — one 2^15-bin histogram of the high 16 bits
+    (bf16/fp16: the whole value), then, for float32, one 2^16-bin histogram of the low 16 bits
+    inside the threshold's bin. Other dtypes use a k-th-value search (same selection)."""
     n = magnitudes.numel()
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=magnitudes.device)
-    threshold = torch.kthvalue(magnitudes, n - k + 1).values
-    mask = magnitudes > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:
-        equal = (magnitudes == threshold).nonzero().view(-1)[:missing]
-        mask[equal] = True
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
+    if magnitudes.dtype == torch.float32:
+        bits = magnitudes.view(torch.int32)
+        high = bits >> 16
+        bucket, above = _select_from_top(torch.bincount(high, minlength=1 << 15), k)
+        low = torch.where(high == bucket, bits & 0xFFFF, 1 << 16)  # entries of other bins → a spare bin
+        del high
+        low_counts = torch.bincount(low, minlength=(1 << 16) + 1)[: 1 << 16]
+        del low
+        low_bin, above_low = _select_from_top(low_counts, k - above)
+        keys, threshold, equal_count = bits, (bucket << 16) | low_bin, int(low_counts[low_bin])
+        above += above_low
+    elif magnitudes.dtype in (torch.bfloat16, torch.float16):
+        keys = magnitudes.view(torch.int16)
+        counts = torch.bincount(keys, minlength=1 << 15)
+        threshold, above = _select_from_top(counts, k)
+        equal_count = int(counts[threshold])
+    else:
+        keys = magnitudes
+        threshold = torch.kthvalue(magnitudes, n - k + 1).values
+        above, equal_count = int((magnitudes > threshold).sum()), None
+    missing = k - above  # ≥ 1: the k-th largest itself equals the threshold
+    if equal_count == missing:  # no surplus of equal entries (the usual case): one comparison
+        return keys >= threshold
+    mask = keys > threshold
+    equal = (keys == threshold).nonzero().view(-1)[:missing]
+    mask[equal] = True
     return mask
 
 
-def magnitude_fast(tensor: torch.Tensor, density: float, rescale_norm=None) -> torch.Tensor:
-    """mergekit's magnitude sparsification (TIES) with a k-th-value selection instead of a full
-    argsort: the same ``k`` entries except, possibly, which of several equal magnitudes at the
-    threshold are kept (mergekit's argsort order among them is unspecified; here: lowest index)."""
+def magnitude_fast(tensor: torch.Tensor, density: float, rescale_norm=None, inplace: bool = False) -> torch.Tensor:
+    """mergekit's magnitude sparsification (TIES) with a histogram selection instead of a full
+    argsort (:func:`top_k_mask`): the same ``k`` entries except, possibly, which of several equal
+    magnitudes at the threshold are kept (mergekit's argsort order among them is unspecified;
+    here: lowest index). ``inplace``: zero the dropped entries of ``tensor`` itself."""
     from mergekit.sparsify import rescaled_masked_tensor
 
     if density >= 1:
         return tensor
     if density <= 0 or tensor.numel() == 0:
-        return torch.zeros_like(tensor)
+        return tensor.zero_() if inplace else torch.zeros_like(tensor)
     k = max(1, int(density * tensor.numel()))
-    magnitudes = tensor.abs().reshape(-1)
-    if magnitudes.device.type == "cpu":
-        magnitudes = magnitudes.float()
-    mask = top_k_mask(magnitudes, k).to(tensor.dtype).reshape_as(tensor)
-    return rescaled_masked_tensor(tensor, mask, rescale_norm)
+    drop = top_k_mask(tensor.abs().reshape(-1), k).logical_not_().reshape_as(tensor)
+    if rescale_norm is None:
+        return tensor.masked_fill_(drop, 0) if inplace else tensor.masked_fill(drop, 0)
+    return rescaled_masked_tensor(tensor, drop.logical_not_().to(tensor.dtype), rescale_norm)
+
+
+# integer views whose sign bit is the float's (sign flips and "> 0" tests on the bits)
+_SIGN_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+def sign_consensus(deltas: torch.Tensor, weights: Sequence[float]):
+    """mergekit's TIES consensus on weighted task vectors (``get_mask(method="sum")``; then the
+    sum of the agreeing entries and of their weights), bit for bit, in fewer passes: the
+    majority sign is flipped into the entries' sign bits, so "agrees" is "> 0" on an integer
+    view. Returns ``(mixed, divisor)`` or None for a dtype without such a view. Overwrites
+    ``deltas``."""
+    view = _SIGN_VIEW.get(deltas.dtype)
+    if view is None:
+        return None
+    # get_mask: majority +1 where the sum is ≥ 0 (-0.0 included), else -1 — as a sign-bit flip
+    flip = (deltas.sum(dim=0) < 0).to(view).bitwise_left_shift_(torch.iinfo(view).bits - 1)
+    bits = deltas.view(view)
+    bits.bitwise_xor_(flip)  # agreeing entries are now > 0 (their sign bit clear, not ±0)
+    bits.clamp_(min=0)  # the others (sign bit set) → +0.0
+    agreeing = bits > 0
+    mixed = deltas.sum(dim=0)
+    mixed.view(view).bitwise_xor_(flip)  # back to the majority's sign
+    # Σ w_i over the agreeing experts: torch sums over dim 0 in an order of its own, so a table
+    # of the subsets' sums is used only where every subset sums exactly in float32 (then every
+    # order gives the same value; e.g. bf16 weights); otherwise mergekit's own expression
+    weights = torch.tensor(list(weights), dtype=deltas.dtype)
+    exact = [sum(w for i, w in enumerate(weights.double().tolist()) if s >> i & 1) for s in range(1 << min(len(weights), 9))]
+    if len(weights) > 8 or any(float(torch.tensor(v, dtype=torch.float32)) != v for v in exact):
+        weight_tensor = weights.view(-1, *([1] * (deltas.dim() - 1)))
+        return mixed, (weight_tensor * agreeing).sum(dim=0).to(deltas.dtype)
+    subset = agreeing[0].view(torch.uint8).clone()  # bit i: expert i agrees
+    for index in range(1, len(weights)):
+        subset.add_(agreeing[index].view(torch.uint8), alpha=1 << index)
+    table = torch.tensor(exact, dtype=torch.float32, device=deltas.device).to(deltas.dtype)
+    return mixed, torch.index_select(table, 0, subset.reshape(-1).to(torch.int32)).reshape(subset.shape)
 
 
 def fuse(
@@ -173,7 +244,8 @@ def fuse(
         if project is not None:
             delta = project(delta)
         if definition.sparsification is SparsificationMethod.magnitude and ties_selection == "fast":
-            delta = magnitude_fast(delta, densities[index], RescaleNorm.l1 if rescale else None)
+            delta = magnitude_fast(delta, densities[index], RescaleNorm.l1 if rescale else None,
+                                   inplace=delta is slot)
         elif definition.sparsification is not None:
             delta = sparsify(
                 delta,
@@ -190,7 +262,13 @@ def fuse(
         weight_tensor.unsqueeze_(-1)
     deltas.mul_(weight_tensor)
 
-    if definition.consensus:
+    fast_consensus = None
+    if definition.consensus and ties_selection == "fast" and not deltas.requires_grad:  # bit tricks: no autograd
+        fast_consensus = sign_consensus(deltas, weights)
+    if fast_consensus is not None:
+        mixed, divisor = fast_consensus
+        divisor[divisor == 0] = 1
+    elif definition.consensus:
         mask_dtype = torch.int8 if int8_mask else base.dtype
         agree = get_mask(deltas, method="sum", mask_dtype=mask_dtype)
         mixed = (deltas * agree).sum(dim=0)
