@@ -157,9 +157,9 @@ METHOD_ROWS = [
     ("SOMF", "1", "somf_single", "somf_single_random", "somf_single_json"),
     ("SSAH", "1", "ssah_single", "ssah_single_random", None),
     ("Antidote", "1", "antidote_single", "antidote_single_random", None),
-    ("RESTA", "1", "resta_single", "resta_single_random", None),
-    ("Safe LoRA", "1", "safe_lora_single", "safe_lora_single_random", None),
-    ("SafeMERGE", "1", "safemerge_single", "safemerge_single_random", None),
+    ("RESTA", "1", "resta_single", "resta_single_random", "resta_single_json"),
+    ("Safe LoRA", "1", "safe_lora_single", "safe_lora_single_random", "safe_lora_single_json"),
+    ("SafeMERGE", "1", "safemerge_single", "safemerge_single_random", "safemerge_single_json"),
 ]
 
 
