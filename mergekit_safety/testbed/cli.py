@@ -60,7 +60,7 @@ DEFAULTS: Dict[str, Any] = {
     "safety_benign": 48,
     "safety_weight": 1.0,
     "safety_single": "json",
-    "safety_methods": "somf,somf_single,ssah,antidote,resta,safe_lora,safemerge,resta_single,safe_lora_single,safemerge_single",
+    "safety_methods": "somf,somf_single,ssah,antidote,resta,safe_lora,safemerge,ssah_single,antidote_single,resta_single,safe_lora_single,safemerge_single",
     # SOMF on a CPU: bf16 (an execution setting) and the batch/step budget of 2 cores (docs/testbed.md)
     "safety_somf": "dtype=bfloat16,batch_size=8,steps=400,check_every=25",
     # SOMF variants measured beside the defaults (docs/testbed.md: "SOMF against over-refusal")

@@ -132,7 +132,10 @@ def specs(paths: Dict[str, str], skills: Sequence[str], single: str, somf_extra:
     add("resta", "resta", unaligned)
     add("safe_lora", "safe_lora", unaligned)
     add("safemerge", "safemerge", unaligned)
-    # the data-free methods' own setting: one fine-tune against its aligned base (issue 17, item 5)
+    # one fine-tune against its aligned base: the data-free methods' own setting (issue 17, item
+    # 5), and the data-driven ones beside them
+    add(f"ssah_single_{single}", "ssah", ssah, experts=single)
+    add(f"antidote_single_{single}", "antidote", antidote, experts=single)
     for method in ("resta", "safe_lora", "safemerge"):
         add(f"{method}_single_{single}", method, unaligned, experts=single)
     return out
