@@ -187,3 +187,15 @@ def test_frontier_sweeps_write_sweep_results_that_combine(tmp_path):
     combined = combine_frontiers(folders, str(tmp_path / "f.png"), str(tmp_path / "f.md"))
     assert combined["axis"] == "retention" and "gamma=2, control=random | 90.0" not in open(tmp_path / "f.md").read()
     assert "| resta | gamma=2, control=random | 10.0 (5.0–15.0) |" in open(tmp_path / "f.md").read()
+
+
+def test_a_bad_frontier_grid_stops_the_testbed_before_any_stage(tmp_path, capsys):
+    import pytest
+
+    from mergekit_safety.testbed.cli import main
+
+    for grid, message in (("resta:gama=1,2", "did you mean 'gamma'"), ("ties:density=0.5", "no safety merge 'ties'")):
+        with pytest.raises(SystemExit) as stopped:
+            main(["--work", str(tmp_path / "work"), "--stages", "frontier", "--frontier", grid])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "work" / "frontier").exists()  # nothing was started

@@ -173,8 +173,9 @@ def sign_consensus(deltas: torch.Tensor, weights: Sequence[float]):
     # of the subsets' sums is used only where every subset sums exactly in float32 (then every
     # order gives the same value; e.g. bf16 weights); otherwise mergekit's own expression
     weights = torch.tensor(list(weights), dtype=deltas.dtype)
-    exact = [sum(w for i, w in enumerate(weights.double().tolist()) if s >> i & 1) for s in range(1 << min(len(weights), 9))]
-    if len(weights) > 8 or any(float(torch.tensor(v, dtype=torch.float32)) != v for v in exact):
+    exact = [] if len(weights) > 8 else [sum(w for i, w in enumerate(weights.double().tolist()) if s >> i & 1)
+                                         for s in range(1 << len(weights))]
+    if not exact or any(float(torch.tensor(v, dtype=torch.float32)) != v for v in exact):
         weight_tensor = weights.view(-1, *([1] * (deltas.dim() - 1)))
         return mixed, (weight_tensor * agreeing).sum(dim=0).to(deltas.dtype)
     subset = agreeing[0].view(torch.uint8).clone()  # bit i: expert i agrees

@@ -225,6 +225,20 @@ def main(argv: Optional[List[str]] = None) -> None:
         "safety": os.path.join(work, "safety"),
         "frontier": os.path.join(work, "frontier"),
     }
+    # every safety merge shares one artifact cache (a frontier point reuses the safety stage's)
+    cache_env = {"MERGEKIT_SAFETY_CACHE": os.path.join(work, "cache")}
+    frontier_grid: Dict[str, Any] = {}
+    frontier_points: Dict[str, Any] = {}
+    if "frontier" in wanted:  # a misspelled knob or value is an error before any stage runs
+        from . import safety
+
+        try:
+            frontier_grid = safety.parse_frontier(s["frontier"] or safety.FRONTIER)
+            frontier_points = safety.frontier_specs(
+                safety.specs(paths, expert_skills, s["safety_single"], safety.parse_parameters(s["safety_somf"])),
+                frontier_grid)
+        except ValueError as error:
+            parser.error(str(error))
 
     # the stamp chain: each stage's digest covers its own settings and the previous digest
     data_keys = ("seed", "harmful_eval_fraction", "eval_per_skill", "eval_benign", "align_harmful", "align_benign",
@@ -458,7 +472,6 @@ def main(argv: Optional[List[str]] = None) -> None:
         os.makedirs(folder, exist_ok=True)
         counts = safety.calibration_prompts(paths["data"], calibration, expert_skills, s["safety_harmful"], s["safety_benign"])
         log(f"  safety calibration prompts: {json.dumps(counts)}")
-        env = {"MERGEKIT_SAFETY_CACHE": os.path.join(work, "cache")}
         single = s["safety_single"]
         if single not in expert_skills:
             raise SystemExit(f"--safety-single {single!r} is not one of the experts {list(expert_skills)}")
@@ -477,7 +490,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         def reference_body():
             out = os.path.join(folder, "plain_task_arithmetic")
-            timing = merge(plain, out, env)
+            timing = merge(plain, out, cache_env)
             shutil.rmtree(out, ignore_errors=True)
             return timing
 
@@ -490,7 +503,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         def pairs_body():
             result = run_logged([bin_path("mergekit-safety"), "pairs", pairs_config,
-                                 "--out", os.path.join(folder, "pairs")], env)
+                                 "--out", os.path.join(folder, "pairs")], cache_env)
             with open(os.path.join(folder, "pairs", "pairs_report.json")) as handle:
                 report = json.load(handle)
             log(f"  pairs: {json.dumps(report)}")
@@ -512,7 +525,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         def body():
             out = os.path.join(folder, name)
             started = time.time()
-            timing = merge(os.path.join(folder, f"{name}.yml"), out, {"MERGEKIT_SAFETY_CACHE": os.path.join(work, "cache")})
+            timing = merge(os.path.join(folder, f"{name}.yml"), out, cache_env)
             artifacts = [{"path": p, "metadata": m} for p, m in safety.artifact_summary(os.path.join(work, "cache"), started)]
             result = evaluate_model(name, out, None, data, eval_dir, config=os.path.join(folder, f"{name}.yml"),
                                     method=spec["method"], control=spec["control"],
@@ -532,9 +545,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         folder = paths["frontier"]
         os.makedirs(folder, exist_ok=True)
-        grid = safety.parse_frontier(s["frontier"] or safety.FRONTIER)
-        every_spec = safety.specs(paths, expert_skills, s["safety_single"], safety.parse_parameters(s["safety_somf"]))
-        points = safety.frontier_specs(every_spec, grid)
+        grid, points = frontier_grid, frontier_points  # checked before any stage ran
         for name, spec in points.items():
             with open(os.path.join(folder, f"{name}.yml"), "w") as handle:
                 handle.write(safety.merge_yaml(spec, paths, expert_skills, s["safety_weight"], s["variant"]))
